@@ -1,0 +1,34 @@
+"""ckptkit: checkpoint-first training loops for TensorFlow 2, driven by Hydra configs."""
+
+from ckptkit.checkpointer import Checkpointer
+from ckptkit.config import register_configs
+from ckptkit.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+    CkptkitError,
+    ConfigError,
+    ExportError,
+)
+from ckptkit.policies import CheckpointInfo
+from ckptkit.trainer import FitResult, Trainer
+from ckptkit.transfer import RestoreReport, restore_partial
+
+__version__ = "0.1.0"
+
+register_configs()
+
+__all__ = [
+    "Checkpointer",
+    "CheckpointInfo",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CheckpointSaveError",
+    "CkptkitError",
+    "ConfigError",
+    "ExportError",
+    "FitResult",
+    "RestoreReport",
+    "Trainer",
+    "restore_partial",
+]

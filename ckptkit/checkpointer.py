@@ -1,0 +1,272 @@
+"""Checkpointer: saves, keeps and restores the checkpoints of one directory.
+
+It writes with ``tf.train.Checkpoint.write`` (TensorFlow's async checkpointing when
+``async_save``: the variables are copied, training goes on, the files are written by
+TensorFlow's background thread) and then, only once the data is completely written, does
+its own bookkeeping in that order:
+
+1. record the new checkpoint (step, time, duration, size, metrics);
+2. rewrite ``metadata.json`` and TensorFlow's ``checkpoint`` state file to list exactly the
+   checkpoints the retention policies keep;
+3. delete the files of the checkpoints no policy keeps.
+
+A crash between any two steps leaves every kept checkpoint on disk and listed, at worst a
+checkpoint that should have been deleted, which the next save sweeps. Retention is ckptkit's
+own rather than ``tf.train.CheckpointManager``'s: the manager's newest-N sweep cannot spare
+the best checkpoints, and its state file would keep listing files deleted outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Dict, List, Mapping, Optional
+
+import tensorflow as tf
+
+from ckptkit import metadata
+from ckptkit._compat import patch_keras_async_checkpoint
+from ckptkit.errors import CheckpointMismatchError, CheckpointNotFoundError, CheckpointSaveError
+from ckptkit.policies import (
+    CheckpointInfo,
+    KeepAny,
+    KeepBest,
+    KeepEveryNHours,
+    KeepNewest,
+    RetentionPolicy,
+    rank_best,
+)
+
+log = logging.getLogger("ckptkit")
+
+
+class Checkpointer:
+    """Newest-N plus best-K checkpoints of some trackables in one directory.
+
+    ``trackables`` are the objects to save (``model=...``, ``optimizer=...``), as for
+    ``tf.train.Checkpoint``. Usable on its own in a hand-written loop::
+
+        ckpt = Checkpointer("ckpts", max_to_keep=3, best_metric="loss", model=m, optimizer=o)
+        start = ckpt.restore_latest() or 0
+        ...
+        ckpt.save(step, metrics={"loss": 0.3})
+        ckpt.wait()
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_to_keep: Optional[int] = 3,
+        best_metric: Optional[str] = None,
+        best_mode: str = "min",
+        best_keep: int = 1,
+        keep_every_n_hours: Optional[float] = None,
+        async_save: bool = True,
+        **trackables,
+    ):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"`max_to_keep` ({max_to_keep}) must be a positive integer or None.")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"`best_mode` ({best_mode!r}) must be 'min' or 'max'.")
+        if best_keep < 1:
+            raise ValueError(f"`best_keep` ({best_keep}) must be a positive integer.")
+        if not trackables:
+            raise ValueError("Checkpointer needs at least one trackable, e.g. model=my_model.")
+        self.directory = str(directory)
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.async_save = async_save
+        policies: List[RetentionPolicy] = [KeepNewest(max_to_keep)]
+        if best_metric:
+            policies.append(KeepBest(best_metric, best_mode, best_keep))
+        if keep_every_n_hours:
+            policies.append(KeepEveryNHours(keep_every_n_hours))
+        self.retention = KeepAny(tuple(policies))
+        self.best_keep = best_keep
+        if async_save:
+            patch_keras_async_checkpoint()
+        self._checkpoint = tf.train.Checkpoint(**trackables)
+        # TensorFlow's async saver creates `save_counter` on first use, so it is in async
+        # checkpoints; create it up front so sync and async checkpoints hold the same objects
+        # and a restore can insist that every value was used.
+        self._checkpoint.save_counter  # noqa: B018 - property access creates the variable
+        self._lock = threading.Lock()
+        self._records: Dict[int, CheckpointInfo] = {
+            c.step: c for c in metadata.scan(self.directory)
+        }
+        self._pending: Optional[CheckpointInfo] = None  # written in the background, not yet recorded
+        self._background_error: Optional[BaseException] = None
+
+    # --- what is on disk -----------------------------------------------------------------
+
+    @property
+    def checkpoints(self) -> List[CheckpointInfo]:
+        """The recorded checkpoints, oldest first (an async save counts once written)."""
+        with self._lock:
+            return sorted(self._records.values(), key=lambda c: c.step)
+
+    @property
+    def latest(self) -> Optional[CheckpointInfo]:
+        ckpts = self.checkpoints
+        return ckpts[-1] if ckpts else None
+
+    @property
+    def best(self) -> Optional[CheckpointInfo]:
+        """The best checkpoint by ``best_metric`` (None without a metric or a finite value)."""
+        if not self.best_metric:
+            return None
+        ranked = rank_best(self.checkpoints, self.best_metric, self.best_mode)
+        return ranked[0] if ranked else None
+
+    def best_value(self) -> Optional[float]:
+        b = self.best
+        return None if b is None else float(b.metrics[self.best_metric])
+
+    # --- saving --------------------------------------------------------------------------
+
+    def save(self, step: int, metrics: Optional[Mapping[str, float]] = None) -> str:
+        """Write a checkpoint for ``step`` and return its path prefix.
+
+        With ``async_save`` this returns once the variables are copied; the checkpoint is
+        recorded (metadata, state file, retention) when its files are complete. A save for a
+        step that already has a checkpoint only updates that checkpoint's metrics.
+        """
+        step = int(step)
+        self._raise_background_error()
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        prefix = metadata.checkpoint_prefix(self.directory, step)
+        with self._lock:
+            existing = self._records.get(step)
+        pending = self._pending
+        if existing is None and pending is not None and pending.step == step:
+            self.wait()
+            with self._lock:
+                existing = self._records.get(step)
+        if existing is not None:
+            if metrics:
+                merged = dict(existing.metrics or {})
+                merged.update(metrics)
+                self._record(CheckpointInfo(existing.step, existing.path, existing.time,
+                                            merged, existing.size, existing.save_seconds))
+            return existing.path
+        tf.io.gfile.makedirs(self.directory)
+        started = time.time()
+        info = CheckpointInfo(step=step, path=prefix, time=started, metrics=metrics)
+        options = tf.train.CheckpointOptions(
+            enable_async=self.async_save,
+            experimental_write_callbacks=[lambda _path: self._on_written(info, started)],
+        )
+        previous = self._pending
+        self._pending = info
+        try:
+            self._checkpoint.write(prefix, options=options)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path named
+            self._pending = None
+            if previous is not None and previous.step not in self._records:
+                raise CheckpointSaveError(
+                    f"saving checkpoint {previous.path} failed in the background: {exc}"
+                ) from exc
+            self._raise_background_error()
+            raise CheckpointSaveError(f"saving checkpoint {prefix} failed: {exc}") from exc
+        if not self.async_save:
+            self._raise_background_error()
+        return prefix
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written and recorded; raise its error."""
+        self._checkpoint.sync()
+        pending, self._pending = self._pending, None
+        self._raise_background_error()
+        if pending is not None and pending.step not in self._records:
+            impl = getattr(self._checkpoint, "_async_checkpointer_impl", None)
+            cause = getattr(impl, "_async_error", None)
+            if impl is not None:
+                impl._async_error = None  # reported here, not again at the next save
+            raise CheckpointSaveError(
+                f"saving checkpoint {pending.path} failed in the background"
+                + (f": {cause}" if cause else "; see the TensorFlow log above")
+            )
+
+    def _raise_background_error(self) -> None:
+        err, self._background_error = self._background_error, None
+        if err is not None:
+            raise err
+
+    def _on_written(self, info: CheckpointInfo, started: float) -> None:
+        """Runs once the files of ``info`` are complete (in TensorFlow's save thread if async)."""
+        try:
+            done = CheckpointInfo(
+                step=info.step, path=info.path, time=info.time, metrics=info.metrics,
+                size=metadata.files_size(info.path), save_seconds=time.time() - started,
+            )
+            self._record(done)
+            log.info("saved checkpoint %s (step %d, %.2fs)", info.path, info.step,
+                     done.save_seconds)
+        except Exception as exc:  # noqa: BLE001 - surfaced in the training thread
+            self._background_error = CheckpointSaveError(
+                f"recording checkpoint {info.path} failed: {exc}")
+            self._background_error.__cause__ = exc
+
+    def _record(self, info: CheckpointInfo) -> None:
+        """Add ``info``, write metadata and state file for what is kept, delete the rest."""
+        with self._lock:
+            self._records[info.step] = info
+            ckpts = sorted(self._records.values(), key=lambda c: c.step)
+            kept_steps = self.retention.keep(ckpts)
+            kept = [c for c in ckpts if c.step in kept_steps]
+            dropped = [c for c in ckpts if c.step not in kept_steps]
+            best = ([c.step for c in rank_best(kept, self.best_metric, self.best_mode)[: self.best_keep]]
+                    if self.best_metric else [])
+            metadata.write_metadata(self.directory, kept, best=best,
+                                    best_metric=self.best_metric, best_mode=self.best_mode)
+            metadata.write_state_file(self.directory, kept)
+            for c in dropped:
+                for f in metadata.checkpoint_files(c.path):
+                    tf.io.gfile.remove(f)
+                del self._records[c.step]
+                log.info("deleted checkpoint %s (step %d) by retention", c.path, c.step)
+
+    # --- restoring -----------------------------------------------------------------------
+
+    def restore(self, path: str, *, assert_consumed: bool = False) -> int:
+        """Restore the checkpoint at prefix ``path`` into the trackables; return its step.
+
+        Every existing object must receive a value, else CheckpointMismatchError names the
+        first one that did not. ``assert_consumed`` also requires every value in the
+        checkpoint to find its object (use it once all variables exist).
+        """
+        if not tf.io.gfile.exists(path + ".index"):
+            raise CheckpointNotFoundError(f"no checkpoint at {path} (missing {path}.index)")
+        try:
+            status = self._checkpoint.read(path)
+            if assert_consumed:
+                status.assert_consumed()
+            else:
+                status.assert_existing_objects_matched()
+        except AssertionError as exc:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} does not match the objects it is restored into: "
+                f"{str(exc).splitlines()[0]}; was it written by another model or config?"
+            ) from exc
+        except (tf.errors.OpError, ValueError) as exc:
+            raise CheckpointMismatchError(f"cannot restore checkpoint {path}: {exc}") from exc
+        status.expect_partial()
+        step = metadata.step_of(path)
+        return int(step) if step is not None else -1
+
+    def restore_latest(self, *, assert_consumed: bool = False) -> Optional[int]:
+        """Restore the newest checkpoint; return its step, or None if there is none."""
+        latest = self.latest
+        if latest is None:
+            return None
+        return self.restore(latest.path, assert_consumed=assert_consumed)
+
+    def restore_best(self, *, assert_consumed: bool = False) -> Optional[int]:
+        """Restore the best checkpoint; return its step, or None if there is none."""
+        best = self.best
+        if best is None:
+            return None
+        return self.restore(best.path, assert_consumed=assert_consumed)

@@ -1,0 +1,243 @@
+"""Config schemas for the groups ckptkit owns, and their validation.
+
+ckptkit owns the top-level keys ``name`` and ``run_dir`` and the groups ``trainer``,
+``checkpoint``, ``export`` and ``strategy``. Every other key (``model``, ``optim``,
+``data``, ...) belongs to the user and passes through untouched.
+
+The schemas are registered in Hydra's ConfigStore when ``ckptkit`` is imported, as
+``<group>/schema``; a YAML file of the group lists ``schema`` first in its defaults so that a
+typo'd key or a wrong type fails at compose time. ``load_config`` applies the same schemas
+again, so a plain dict given to ``Trainer`` (a notebook, a test) is checked just as strictly.
+Validation raises :class:`~ckptkit.errors.ConfigError`; it never rewrites a value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf import BooleanNode, FloatNode, IntegerNode, StringNode
+from omegaconf.errors import OmegaConfBaseException
+
+from ckptkit.errors import ConfigError
+
+OWNED_GROUPS = ("trainer", "checkpoint", "export", "strategy")
+OWNED_KEYS = ("name", "run_dir") + OWNED_GROUPS
+
+RESUME_MODES = ("auto", "never", "must")
+BEST_MODES = ("min", "max")
+EXPORT_FROM = ("best", "last")
+STRATEGY_KINDS = ("default", "mirrored", "multi_worker")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    steps_per_loop: int = 100
+    eval_every_steps: Optional[int] = 1000
+    log_every_steps: int = 100
+    seed: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class BestConfig:
+    metric: Optional[str] = None
+    mode: str = "min"
+    keep: int = 1
+
+
+@dataclass
+class InitFromConfig:
+    path: Optional[str] = None
+    include: Optional[List[str]] = None  # None: every variable
+    exclude: List[str] = field(default_factory=list)
+    rename: Dict[str, str] = field(default_factory=dict)
+    strict: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run_dir}/checkpoints"
+    max_to_keep: Optional[int] = 3
+    keep_every_n_hours: Optional[float] = None
+    save_every_steps: Optional[int] = 1000
+    save_every_seconds: Optional[float] = None
+    best: BestConfig = field(default_factory=BestConfig)
+    async_save: bool = True
+    resume: str = "auto"
+    init_from: InitFromConfig = field(default_factory=InitFromConfig)
+
+
+@dataclass
+class ExportConfig:
+    """``from_`` is the config key ``export.from`` (``from`` is a Python keyword)."""
+
+    dir: str = "${run_dir}/export"
+    from_: str = "best"
+    verify: bool = True
+    enabled: bool = True
+
+
+@dataclass
+class StrategyConfig:
+    kind: str = "default"
+
+
+@dataclass
+class RunConfig:
+    """The validated, resolved settings ckptkit acts on."""
+
+    name: Optional[str]
+    run_dir: str
+    trainer: TrainerConfig
+    checkpoint: CheckpointConfig
+    export: ExportConfig
+    strategy: StrategyConfig
+
+
+_NODE_TYPES = {"str": StringNode, "bool": BooleanNode, "int": IntegerNode, "float": FloatNode}
+
+
+def _export_schema() -> DictConfig:
+    """The export schema as a typed DictConfig: a dataclass cannot have a field ``from``."""
+    nodes = {}
+    for f in dataclasses.fields(ExportConfig):
+        key = "from" if f.name == "from_" else f.name
+        type_name = f.type if isinstance(f.type, str) else f.type.__name__
+        nodes[key] = _NODE_TYPES[type_name](f.default)
+    node = OmegaConf.create(nodes)
+    OmegaConf.set_struct(node, True)
+    return node
+
+
+def group_schemas() -> Dict[str, Any]:
+    """The schema of each owned group, as Hydra's ConfigStore and OmegaConf take it."""
+    return {
+        "trainer": OmegaConf.structured(TrainerConfig),
+        "checkpoint": OmegaConf.structured(CheckpointConfig),
+        "export": _export_schema(),
+        "strategy": OmegaConf.structured(StrategyConfig),
+    }
+
+
+def register_configs() -> None:
+    """Register ``<group>/schema`` for each owned group in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group, node in group_schemas().items():
+        cs.store(group=group, name="schema", node=node, provider="ckptkit")
+
+
+def _as_dictconfig(cfg: Union[Mapping[str, Any], DictConfig]) -> DictConfig:
+    if isinstance(cfg, DictConfig):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return OmegaConf.create(dict(cfg))
+    raise ConfigError("<root>", f"expected a DictConfig or a dict, got {type(cfg).__name__}")
+
+
+def _config_error(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
+    key = getattr(exc, "full_key", None) or "<root>"
+    if prefix and not key.startswith(prefix):
+        key = f"{prefix}.{key}"
+    msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+    if "not in" in msg and "Key" in msg:
+        msg = f"unknown key ({msg}); check the spelling against the ckptkit config reference"
+    return ConfigError(key, msg)
+
+
+def merge_with_schema(cfg: Union[Mapping[str, Any], DictConfig]) -> DictConfig:
+    """Return a copy of ``cfg`` whose owned groups are checked against their schemas.
+
+    Keys missing from an owned group take their defaults, unknown keys and wrong types raise
+    ConfigError naming the full key. User keys are copied unchanged (interpolations intact).
+    """
+    src = _as_dictconfig(cfg)
+    out = OmegaConf.create(OmegaConf.to_container(src, resolve=False))
+    OmegaConf.set_struct(out, False)
+    for group, schema in group_schemas().items():
+        given = src.get(group) if group in src else None
+        if given is not None and not isinstance(given, (DictConfig, Mapping)):
+            raise ConfigError(group, f"must be a mapping of settings, got {given!r}")
+        try:
+            merged = OmegaConf.merge(schema, given) if given is not None else schema
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, group) from None
+        out[group] = merged
+    if out.get("run_dir") is None:
+        if out.get("name") is None:
+            raise ConfigError("run_dir", "set `name` (run_dir defaults to runs/${name}) or `run_dir`")
+        out["run_dir"] = "runs/${name}"
+    return out
+
+
+def _positive(key: str, value: Optional[float], *, allow_none: bool, integer: bool) -> None:
+    if value is None:
+        if not allow_none:
+            raise ConfigError(key, "must be set")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    if integer and not float(value).is_integer():
+        raise ConfigError(key, f"must be a whole number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, f"must be positive, got {value!r}")
+
+
+def _one_of(key: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def validate(run: RunConfig) -> RunConfig:
+    t, c, e = run.trainer, run.checkpoint, run.export
+    _positive("trainer.max_steps", t.max_steps, allow_none=False, integer=True)
+    _positive("trainer.steps_per_loop", t.steps_per_loop, allow_none=False, integer=True)
+    _positive("trainer.eval_every_steps", t.eval_every_steps, allow_none=True, integer=True)
+    _positive("trainer.log_every_steps", t.log_every_steps, allow_none=False, integer=True)
+    if t.seed < 0:
+        raise ConfigError("trainer.seed", f"must be zero or positive, got {t.seed}")
+    _positive("checkpoint.max_to_keep", c.max_to_keep, allow_none=True, integer=True)
+    _positive("checkpoint.keep_every_n_hours", c.keep_every_n_hours, allow_none=True, integer=False)
+    _positive("checkpoint.save_every_steps", c.save_every_steps, allow_none=True, integer=True)
+    _positive("checkpoint.save_every_seconds", c.save_every_seconds, allow_none=True, integer=False)
+    _positive("checkpoint.best.keep", c.best.keep, allow_none=False, integer=True)
+    _one_of("checkpoint.best.mode", c.best.mode, BEST_MODES)
+    _one_of("checkpoint.resume", c.resume, RESUME_MODES)
+    _one_of("export.from", e.from_, EXPORT_FROM)
+    _one_of("strategy.kind", run.strategy.kind, STRATEGY_KINDS)
+    if run.strategy.kind != "default":
+        raise ConfigError("strategy.kind", f"{run.strategy.kind!r} is not supported yet; use default")
+    if not run.run_dir:
+        raise ConfigError("run_dir", "must not be empty")
+    if not c.dir:
+        raise ConfigError("checkpoint.dir", "must not be empty")
+    return run
+
+
+def load_config(cfg: Union[Mapping[str, Any], DictConfig]) -> tuple[RunConfig, DictConfig]:
+    """Check ``cfg`` and return (typed ckptkit settings, the full resolved config).
+
+    The full config keeps the user's groups; it is what hooks see as ``self.cfg``.
+    """
+    full = merge_with_schema(cfg)
+    try:
+        OmegaConf.resolve(full)
+    except OmegaConfBaseException as exc:
+        raise _config_error(exc) from None
+    export = OmegaConf.to_container(full.export)
+    export["from_"] = export.pop("from")
+    run = RunConfig(
+        name=full.get("name"),
+        run_dir=str(full.run_dir),
+        trainer=OmegaConf.to_object(full.trainer),
+        checkpoint=OmegaConf.to_object(full.checkpoint),
+        export=ExportConfig(**export),
+        strategy=OmegaConf.to_object(full.strategy),
+    )
+    return validate(run), full

@@ -1,0 +1,37 @@
+"""Exceptions raised by ckptkit.
+
+Every error names the file, config key or variable it is about and says what to do, so a
+user who sees only the last line of a log can act on it. Each class also derives from the
+built-in exception that fits (``ValueError`` for bad input, ``OSError`` for storage), so
+callers that catch the built-ins keep working.
+"""
+
+from __future__ import annotations
+
+
+class CkptkitError(Exception):
+    """Base class of every error ckptkit raises on purpose."""
+
+
+class ConfigError(CkptkitError, ValueError):
+    """A config key is unknown, has the wrong type, or holds a value out of range."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config key `{key}`: {message}")
+
+
+class CheckpointNotFoundError(CkptkitError, FileNotFoundError):
+    """A checkpoint that was asked for does not exist or cannot be read."""
+
+
+class CheckpointMismatchError(CkptkitError, ValueError):
+    """A checkpoint does not fit the objects it is restored into."""
+
+
+class CheckpointSaveError(CkptkitError, OSError):
+    """Writing a checkpoint (or its bookkeeping) failed; earlier checkpoints are intact."""
+
+
+class ExportError(CkptkitError, RuntimeError):
+    """Exporting or verifying a SavedModel failed."""

@@ -1,0 +1,81 @@
+"""The compiled inner loops: many train steps per ``tf.function`` call, and evaluation.
+
+The user writes one step (``Trainer.train_step``); the loop runs ``num_steps`` of them in a
+single ``tf.function`` call so the Python overhead is paid once per loop, not once per step,
+and returns the mean of each metric over those steps. ``num_steps`` is a tensor, so loops of
+different lengths (cut short at an eval, save or log boundary) share one trace.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Mapping, Optional
+
+import numpy as np
+import tensorflow as tf
+
+
+def _check_metrics(out, hook: str) -> Dict[str, tf.Tensor]:
+    if not isinstance(out, Mapping) or not out:
+        raise TypeError(f"{hook} must return a non-empty dict of scalar tensors, "
+                        f"e.g. {{'loss': loss}}; got {type(out).__name__}")
+    metrics = {}
+    for key, value in out.items():
+        value = tf.convert_to_tensor(value)
+        if value.shape.rank not in (0, None):
+            raise TypeError(f"{hook} returned {key!r} with shape {value.shape}; "
+                            "metrics must be scalars (reduce them, e.g. tf.reduce_mean)")
+        metrics[str(key)] = tf.cast(value, tf.float32)
+    return metrics
+
+
+def make_train_loop(train_step: Callable, global_step: tf.Variable) -> Callable:
+    """A ``tf.function(iterator, num_steps)`` running ``num_steps >= 1`` steps."""
+
+    def loop(iterator, num_steps):
+        totals = _check_metrics(train_step(next(iterator)), "train_step")
+        global_step.assign_add(1)
+        for _ in tf.range(num_steps - 1):
+            out = _check_metrics(train_step(next(iterator)), "train_step")
+            global_step.assign_add(1)
+            totals = {k: totals[k] + out[k] for k in totals}
+        n = tf.cast(num_steps, tf.float32)
+        return {k: v / n for k, v in totals.items()}
+
+    return tf.function(loop)
+
+
+def batch_size(batch) -> tf.Tensor:
+    first = tf.nest.flatten(batch)[0]
+    shape = tf.shape(first)
+    return shape[0] if first.shape.rank else tf.constant(1)
+
+
+def make_eval_step(eval_step: Callable) -> Callable:
+    def step(batch):
+        return _check_metrics(eval_step(batch), "eval_step"), batch_size(batch)
+
+    return tf.function(step)
+
+
+def run_eval(eval_fn: Callable, dataset: tf.data.Dataset) -> Dict[str, float]:
+    """Mean of each metric over the dataset, weighted by batch size (exact for means)."""
+    sums: Dict[str, float] = {}
+    total = 0
+    for batch in dataset:
+        metrics, n = eval_fn(batch)
+        n = int(n)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+        total += n
+    if total == 0:
+        raise ValueError("eval_dataset() yielded no batches")
+    return {k: v / total for k, v in sums.items()}
+
+
+def to_python(metrics: Mapping[str, tf.Tensor]) -> Dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def all_finite(metrics: Mapping[str, float]) -> bool:
+    return all(math.isfinite(v) for v in metrics.values())

@@ -1,0 +1,382 @@
+"""The Trainer: the user writes the hooks, ckptkit owns the outer loop.
+
+A subclass overrides ``build_model``, ``build_optimizer``, ``train_dataset`` and
+``train_step`` (and optionally ``eval_dataset``, ``eval_step``, ``serving_signatures``);
+``fit()`` builds everything, resumes or warm-starts, runs the loop with evaluation, logging
+and checkpointing, and exports a SavedModel at the end.
+
+Nothing happens in ``__init__`` beyond checking the config: building, restoring and training
+all happen in ``fit()``, so a Trainer can be constructed cheaply (for ``--help``, a test,
+a notebook) without touching the run directory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig
+
+from ckptkit import export as export_lib
+from ckptkit import loop as loop_lib
+from ckptkit.checkpointer import Checkpointer
+from ckptkit.config import RunConfig, load_config
+from ckptkit.errors import CheckpointNotFoundError, ConfigError, ExportError
+from ckptkit.policies import (
+    AnySave,
+    CheckpointInfo,
+    SaveAtEnd,
+    SaveContext,
+    SaveEveryNSeconds,
+    SaveEveryNSteps,
+    SaveOnNewBest,
+    is_better,
+)
+from ckptkit.summaries import SummaryWriters
+from ckptkit.transfer import RestoreReport, restore_partial
+
+log = logging.getLogger("ckptkit")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What ``fit()`` returns."""
+
+    step: int
+    metrics: Dict[str, float]  # the last eval's, else the last train metrics
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    best_checkpoint: Optional[str] = None
+    export_path: Optional[str] = None
+    resumed_from: Optional[int] = None
+    steps_run: int = 0
+    warm_start: Optional[RestoreReport] = field(default=None, compare=False)
+
+
+def _ensure_logging() -> None:
+    """Show ckptkit's INFO lines when nobody (Hydra, the user) configured logging.
+
+    Also keeps TensorFlow's per-save INFO chatter (its async checkpoint thread logs through
+    absl) out of an INFO-level console, unless the user set that logger's level.
+    """
+    for name in ("absl", "tensorflow"):
+        other = logging.getLogger(name)
+        if other.level == logging.NOTSET:
+            other.setLevel(logging.WARNING)
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s][ckptkit] %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def _features(batch):
+    """The model input of a batch: the first element of a tuple/list, else the batch."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+class Trainer:
+    """Base class of a training script; see the README for a complete example."""
+
+    def __init__(self, cfg: Union[DictConfig, Mapping[str, Any]]):
+        self.settings: RunConfig
+        self.settings, self.cfg = load_config(cfg)
+        self.run_dir: str = self.settings.run_dir
+        self.model = None
+        self.optimizer = None
+        self.global_step: Optional[tf.Variable] = None
+        self.strategy: Optional[tf.distribute.Strategy] = None
+        self.checkpointer: Optional[Checkpointer] = None
+        self._train_ds: Optional[tf.data.Dataset] = None
+        self._iterator = None
+        self._train_fn: Optional[Callable] = None
+        self._eval_fn: Optional[Callable] = None
+        self._summaries: Optional[SummaryWriters] = None
+
+    # --- hooks the user overrides --------------------------------------------------------
+
+    def build_model(self):
+        """Return the model: a ``tf.Module`` or a ``keras.Model``."""
+        raise NotImplementedError(f"{type(self).__name__} must override build_model()")
+
+    def build_optimizer(self):
+        """Return the optimizer, e.g. ``tf.keras.optimizers.Adam(self.cfg.optim.lr)``."""
+        raise NotImplementedError(f"{type(self).__name__} must override build_optimizer()")
+
+    def train_dataset(self) -> tf.data.Dataset:
+        """Return the training ``tf.data.Dataset`` of batches (repeated if finite)."""
+        raise NotImplementedError(f"{type(self).__name__} must override train_dataset()")
+
+    def eval_dataset(self) -> Optional[tf.data.Dataset]:
+        """Return a finite evaluation dataset, or None for no evaluation."""
+        return None
+
+    def train_step(self, batch) -> Mapping[str, tf.Tensor]:
+        """One optimizer step on ``batch``; return scalar metrics (traced by tf.function)."""
+        raise NotImplementedError(f"{type(self).__name__} must override train_step()")
+
+    def eval_step(self, batch) -> Mapping[str, tf.Tensor]:
+        """Metrics of one eval batch (means over the batch); traced by tf.function."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has an eval_dataset() but does not override eval_step()")
+
+    def serving_signatures(self) -> Dict[str, Callable]:
+        """Functions the exported SavedModel serves, by signature name.
+
+        The default serves the model's call on the training data's features:
+        ``serving_default(inputs) -> {"outputs": model(inputs)}``.
+        """
+        spec = _features(self._train_ds.element_spec)
+        if not isinstance(spec, tf.TensorSpec):
+            raise ExportError(
+                "the training batches' features are not a single tensor "
+                f"({spec}); override serving_signatures() to say what to export")
+        spec = tf.TensorSpec([None] + spec.shape.as_list()[1:], spec.dtype, name="inputs")
+        model = self.model
+        call_kwargs = {"training": False} if isinstance(model, tf.keras.Model) else {}
+
+        def serve(inputs):
+            return {"outputs": model(inputs, **call_kwargs)}
+
+        return {"serving_default": tf.function(serve, input_signature=[spec])}
+
+    # --- the outer loop ------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Create strategy, model, optimizer, global step, data iterator and checkpointer.
+
+        Also traces the train loop once, which creates every variable (Keras layers and
+        optimizer slots are otherwise built lazily) so a restore can check that it filled
+        all of them. Idempotent.
+        """
+        if self.checkpointer is not None:
+            return
+        s = self.settings
+        tf.keras.utils.set_random_seed(s.trainer.seed)
+        if s.trainer.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        self.strategy = tf.distribute.get_strategy()
+        with self.strategy.scope():
+            self.model = self.build_model()
+            self.optimizer = self.build_optimizer()
+            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        ds = self.train_dataset()
+        if not isinstance(ds, tf.data.Dataset):
+            raise TypeError(f"train_dataset() must return a tf.data.Dataset, got {type(ds).__name__}")
+        if ds.cardinality() != tf.data.INFINITE_CARDINALITY:
+            ds = ds.repeat()
+        self._train_ds = ds
+        self._iterator = iter(ds)
+        c = s.checkpoint
+        self.checkpointer = Checkpointer(
+            c.dir,
+            max_to_keep=c.max_to_keep,
+            best_metric=c.best.metric,
+            best_mode=c.best.mode,
+            best_keep=c.best.keep,
+            keep_every_n_hours=c.keep_every_n_hours,
+            async_save=c.async_save,
+            model=self.model,
+            optimizer=self.optimizer,
+            global_step=self.global_step,
+            data=self._iterator,
+        )
+        self._train_fn = loop_lib.make_train_loop(self.train_step, self.global_step)
+        self._train_fn.get_concrete_function(self._iterator, tf.TensorSpec([], tf.int32))
+
+    def _save_policy(self) -> AnySave:
+        c = self.settings.checkpoint
+        policies = [SaveOnNewBest(), SaveAtEnd()]
+        if c.save_every_steps:
+            policies.append(SaveEveryNSteps(c.save_every_steps))
+        if c.save_every_seconds:
+            policies.append(SaveEveryNSeconds(c.save_every_seconds))
+        return AnySave(tuple(policies))
+
+    def _resume_or_warm_start(self) -> tuple[Optional[int], Optional[RestoreReport]]:
+        c = self.settings.checkpoint
+        ckpt = self.checkpointer
+        if c.resume == "never" and ckpt.checkpoints:
+            moved = f"{c.dir.rstrip('/')}-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+            tf.io.gfile.rename(c.dir, moved)
+            log.warning("checkpoint.resume=never: moved the existing checkpoints aside to %s "
+                        "(nothing deleted); starting fresh", moved)
+            self.checkpointer = None
+            self.build()
+            ckpt = self.checkpointer
+        if ckpt.checkpoints and c.resume != "never":
+            latest = ckpt.latest
+            step = ckpt.restore(latest.path, assert_consumed=True)
+            log.info("resumed from %s at step %d", latest.path, int(self.global_step.numpy()))
+            if c.init_from.path:
+                log.info("checkpoint.init_from.path ignored: the run resumes from its own checkpoint")
+            return step, None
+        if c.resume == "must":
+            raise CheckpointNotFoundError(
+                f"checkpoint.resume=must but {c.dir} holds no checkpoint to resume from")
+        if c.init_from.path:
+            f = c.init_from
+            report = restore_partial(self.model, f.path, include=f.include, exclude=f.exclude,
+                                     rename=f.rename, strict=f.strict)
+            return None, report
+        return None, None
+
+    def _next_boundary(self, step: int) -> int:
+        """The step at which the current loop call must stop for an event."""
+        t, c = self.settings.trainer, self.settings.checkpoint
+        target = min(t.max_steps, step + t.steps_per_loop)
+        for period in (t.log_every_steps, t.eval_every_steps, c.save_every_steps):
+            if period:
+                target = min(target, (step // period + 1) * period)
+        return target
+
+    def _evaluate(self, eval_ds, step: int) -> Dict[str, float]:
+        if self._eval_fn is None:
+            self._eval_fn = loop_lib.make_eval_step(self.eval_step)
+        metrics = loop_lib.run_eval(self._eval_fn, eval_ds)
+        self._summaries.scalars("eval", step, metrics)
+        log.info("eval at step %d: %s", step, _fmt(metrics))
+        return metrics
+
+    def fit(self) -> FitResult:
+        """Train to ``trainer.max_steps`` (resuming if possible), then export."""
+        _ensure_logging()
+        self.build()
+        s = self.settings
+        t, c = s.trainer, s.checkpoint
+        ckpt = self.checkpointer
+        resumed_from, report = self._resume_or_warm_start()
+        ckpt = self.checkpointer
+        eval_ds = self.eval_dataset()
+        if c.best.metric and eval_ds is None:
+            raise ConfigError("checkpoint.best.metric",
+                              f"is {c.best.metric!r} but the trainer has no eval_dataset()")
+        self._summaries = SummaryWriters(os.path.join(self.run_dir, "logs"))
+        policy = self._save_policy()
+        best = ckpt.best
+        best_value = None if best is None else float(best.metrics[c.best.metric])
+        best_step = None if best is None else best.step
+        step = int(self.global_step.numpy())
+        start_step = step
+        train_metrics: Dict[str, float] = {}
+        eval_metrics: Dict[str, float] = {}
+        last_save_step = ckpt.latest.step if ckpt.latest else None
+        last_save_time = time.time()
+        if step >= t.max_steps:
+            log.info("run %s already finished: step %d of trainer.max_steps=%d, nothing to train",
+                     s.name or self.run_dir, step, t.max_steps)
+        else:
+            log.info("training %s from step %d to %d", s.name or self.run_dir, step, t.max_steps)
+        loop_start, loop_start_step = time.time(), step
+        try:
+            while step < t.max_steps:
+                n = self._next_boundary(step) - step
+                out = self._train_fn(self._iterator, tf.constant(n, tf.int32))
+                step = int(self.global_step.numpy())
+                train_metrics = loop_lib.to_python(out)
+                if not loop_lib.all_finite(train_metrics):
+                    raise FloatingPointError(
+                        f"non-finite train metrics at step {step}: {_fmt(train_metrics)}; "
+                        f"the last checkpoint ({ckpt.latest.path if ckpt.latest else 'none'}) "
+                        "is kept, nothing was saved after it")
+                final = step >= t.max_steps
+                if step % t.log_every_steps == 0 or final:
+                    rate = (step - loop_start_step) / max(time.time() - loop_start, 1e-9)
+                    self._summaries.scalars("train", step, {**train_metrics, "steps_per_sec": rate})
+                    log.info("step %d/%d  %s  (%.0f steps/s)", step, t.max_steps,
+                             _fmt(train_metrics), rate)
+                    loop_start, loop_start_step = time.time(), step
+                step_eval = None
+                if eval_ds is not None and ((t.eval_every_steps and step % t.eval_every_steps == 0)
+                                            or final):
+                    step_eval = eval_metrics = self._evaluate(eval_ds, step)
+                new_best = False
+                if step_eval is not None and c.best.metric:
+                    if c.best.metric not in step_eval:
+                        raise ConfigError(
+                            "checkpoint.best.metric",
+                            f"{c.best.metric!r} is not among the eval metrics "
+                            f"({', '.join(sorted(step_eval))})")
+                    value = step_eval[c.best.metric]
+                    if np.isfinite(value) and is_better(value, best_value, c.best.mode):
+                        log.info("new best %s=%.6g at step %d (was %s)", c.best.metric, value,
+                                 step, "none" if best_value is None else f"{best_value:.6g}")
+                        best_value, best_step, new_best = value, step, True
+                ctx = SaveContext(step=step, now=time.time(), last_save_step=last_save_step,
+                                  last_save_time=last_save_time, new_best=new_best, final=final)
+                if policy.should_save(ctx):
+                    ckpt.save(step, metrics=step_eval)
+                    last_save_step, last_save_time = step, time.time()
+            if step > start_step and last_save_step != step:
+                ckpt.save(step, metrics=eval_metrics or None)
+        finally:
+            ckpt.wait()
+            self._summaries.flush()
+        export_path = self._export() if s.export.enabled else None
+        self._summaries.close()
+        best = ckpt.best
+        return FitResult(
+            step=step,
+            metrics=dict(eval_metrics or train_metrics),
+            best_metric=None if best is None else float(best.metrics[c.best.metric]),
+            best_step=None if best is None else best.step,
+            best_checkpoint=None if best is None else best.path,
+            export_path=export_path,
+            resumed_from=resumed_from,
+            steps_run=step - start_step,
+            warm_start=report,
+        )
+
+    # --- export --------------------------------------------------------------------------
+
+    def _export_source(self) -> Optional[CheckpointInfo]:
+        ckpt = self.checkpointer
+        if self.settings.export.from_ == "best" and ckpt.best is not None:
+            return ckpt.best
+        return ckpt.latest
+
+    def _sample_features(self):
+        ds = self.eval_dataset() or self._train_ds
+        return _features(next(iter(ds)))
+
+    def _export(self) -> Optional[str]:
+        e = self.settings.export
+        source = self._export_source()
+        if source is None:
+            log.warning("no checkpoint to export from; skipping the export")
+            return None
+        existing = export_lib.versions(e.dir)
+        if existing:
+            newest = os.path.join(e.dir, str(existing[-1]))
+            info = export_lib.read_export_info(newest)
+            if info and info.get("step") == source.step and info.get("checkpoint") == os.path.basename(source.path):
+                log.info("export of step %d already at %s", source.step, newest)
+                return newest
+        snapshot = [v.numpy() for v in self.model.variables]
+        try:
+            if source.step != int(self.global_step.numpy()):
+                status = tf.train.Checkpoint(model=self.model).read(source.path)
+                status.assert_existing_objects_matched()
+                status.expect_partial()
+            signatures = self.serving_signatures()
+            info = {"step": source.step, "checkpoint": os.path.basename(source.path),
+                    "metrics": source.metrics, "run_dir": self.run_dir,
+                    "name": self.settings.name, "exported_at": time.time()}
+            path = export_lib.export_saved_model(self.model, signatures, e.dir, info=info)
+            if e.verify:
+                checked = export_lib.verify_export(path, signatures, self._sample_features())
+                log.info("export check passed for %s: %s", path, ", ".join(checked) or "no signature fit the sample")
+        finally:
+            for v, value in zip(self.model.variables, snapshot):
+                v.assign(value)
+        return path
+
+
+def _fmt(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
