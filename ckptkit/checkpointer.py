@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from ckptkit import metadata
 from ckptkit._compat import patch_keras_async_checkpoint
+from ckptkit.iterator_state import IteratorCheckpoint, is_dataset_iterator
 from ckptkit.errors import CheckpointMismatchError, CheckpointNotFoundError, CheckpointSaveError
 from ckptkit.policies import (
     CheckpointInfo,
@@ -88,6 +89,10 @@ class Checkpointer:
         self.best_keep = best_keep
         if async_save:
             patch_keras_async_checkpoint()
+        # tf.data iterators are saved through IteratorCheckpoint (see iterator_state.py).
+        trackables = {name: IteratorCheckpoint(obj) if is_dataset_iterator(obj) else obj
+                      for name, obj in trackables.items()}
+        self._iterators = [t for t in trackables.values() if isinstance(t, IteratorCheckpoint)]
         self._checkpoint = tf.train.Checkpoint(**trackables)
         # TensorFlow's async saver creates `save_counter` on first use, so it is in async
         # checkpoints; create it up front so sync and async checkpoints hold the same objects
@@ -160,6 +165,10 @@ class Checkpointer:
             experimental_write_callbacks=[lambda _path: self._on_written(info, started)],
         )
         previous = self._pending
+        if self._iterators:
+            self._checkpoint.sync()  # the previous write must be done reading the snapshot
+            for it in self._iterators:
+                it.snapshot()
         self._pending = info
         try:
             self._checkpoint.write(prefix, options=options)

@@ -1,0 +1,127 @@
+"""Shared test helpers: a tiny tf.Module / Keras model trainer on synthetic data."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import ckptkit  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Dense(tf.Module):
+    def __init__(self, n_in, n_out, seed, name=None):
+        super().__init__(name=name)
+        self.w = tf.Variable(tf.random.stateless_normal([n_in, n_out], seed=[seed, 0]) * 0.5, name="w")
+        self.b = tf.Variable(tf.zeros([n_out]), name="b")
+
+    def __call__(self, x):
+        return tf.matmul(x, self.w) + self.b
+
+
+class Net(tf.Module):
+    """backbone -> relu -> head, as plain tf.Module objects."""
+
+    def __init__(self, n_in=4, hidden=8, classes=3, seed=0):
+        super().__init__()
+        self.backbone = Dense(n_in, hidden, seed)
+        self.head = Dense(hidden, classes, seed + 1)
+
+    def __call__(self, x):
+        return self.head(tf.nn.relu(self.backbone(x)))
+
+
+class KerasNet(tf.keras.Model):
+    def __init__(self, hidden=8, classes=3):
+        super().__init__()
+        self.backbone = tf.keras.layers.Dense(hidden, activation="relu")
+        self.head = tf.keras.layers.Dense(classes)
+
+    def call(self, x, training=False):
+        return self.head(self.backbone(x))
+
+
+def toy_data(n=96, n_in=4, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n_in)).astype("float32")
+    w = rng.normal(size=(n_in, classes)).astype("float32")
+    y = np.argmax(x @ w, axis=1).astype("int32")
+    return x, y
+
+
+class ToyTrainer(ckptkit.Trainer):
+    """Trainer over toy_data. ``model.kind`` is ``module`` or ``keras``.
+
+    ``data.score_peak``: if set, eval also returns ``score = -(step - peak)^2``, a metric
+    whose best step the test knows in advance.
+    """
+
+    def build_model(self):
+        m = self.cfg.model
+        if m.kind == "keras":
+            return KerasNet(m.hidden, m.classes)
+        return Net(4, m.hidden, m.classes, seed=m.seed)
+
+    def build_optimizer(self):
+        return tf.keras.optimizers.Adam(self.cfg.optim.lr)
+
+    def train_dataset(self):
+        x, y = toy_data()
+        return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(96, seed=1).batch(16, drop_remainder=True)
+
+    def eval_dataset(self):
+        if not self.cfg.data.eval:
+            return None
+        x, y = toy_data(n=40, seed=5)
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            logits = self.model(x)
+            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        variables = self.model.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return {"loss": loss}
+
+    def eval_step(self, batch):
+        x, y = batch
+        logits = self.model(x)
+        acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32))
+        out = {"accuracy": acc}
+        if self.cfg.data.get("score_peak") is not None:
+            d = tf.cast(self.global_step, tf.float32) - float(self.cfg.data.score_peak)
+            out["score"] = -d * d
+        return out
+
+
+def make_cfg(run_dir, **overrides):
+    """A plain dict config for ToyTrainer; ``overrides`` are dotted keys."""
+    base = {
+        "name": "toy",
+        "run_dir": str(run_dir),
+        "trainer": {"max_steps": 20, "steps_per_loop": 5, "eval_every_steps": 10, "log_every_steps": 10},
+        "checkpoint": {"save_every_steps": 10},
+        "export": {"enabled": False},
+        "model": {"kind": "module", "hidden": 8, "classes": 3, "seed": 0},
+        "optim": {"lr": 0.01},
+        "data": {"eval": True, "score_peak": None},
+    }
+    cfg = OmegaConf.create(base)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return OmegaConf.to_container(cfg)
+
+
+def values(variables):
+    return [np.array(v.numpy()) for v in variables]
+
+
+@pytest.fixture
+def toy_cfg(tmp_path):
+    return lambda **kw: make_cfg(tmp_path / "run", **kw)

@@ -1,0 +1,222 @@
+"""Checkpointer on its own: retention, metadata, restore, Keras async saves."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ckptkit
+from ckptkit import metadata
+
+from conftest import KerasNet, Net, values
+
+
+def _files(directory):
+    return sorted(f for f in os.listdir(directory) if f.startswith("ckpt-"))
+
+
+def _steps_on_disk(directory):
+    return sorted(int(f[5:-6]) for f in os.listdir(directory) if f.startswith("ckpt-") and f.endswith(".index"))
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_newest_two_plus_best_survive(tmp_path, async_save):
+    d = str(tmp_path / "ckpts")
+    net = Net()
+    step = tf.Variable(0, dtype=tf.int64)
+    ckpt = ckptkit.Checkpointer(d, max_to_keep=2, best_metric="loss", best_mode="min",
+                                async_save=async_save, model=net, step=step)
+    losses = {5: 0.9, 10: 0.2, 15: 0.5, 20: 0.6, 25: 0.7, 30: float("nan")}
+    for s, loss in losses.items():
+        step.assign(s)
+        ckpt.save(s, metrics={"loss": loss})
+    ckpt.wait()
+    assert _steps_on_disk(d) == [10, 25, 30]
+    doc = json.load(open(os.path.join(d, metadata.METADATA_FILE)))
+    assert [c["step"] for c in doc["checkpoints"]] == [10, 25, 30]
+    assert doc["best"] == [10] and doc["latest"] == 30
+    assert doc["checkpoints"][-1]["metrics"]["loss"] is None  # NaN stored as null, never best
+    assert all(c["size"] > 0 for c in doc["checkpoints"])
+    assert ckpt.best.step == 10
+    assert tf.train.latest_checkpoint(d).endswith("ckpt-30")
+    state = tf.train.get_checkpoint_state(d)
+    assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == ["ckpt-10", "ckpt-25", "ckpt-30"]
+
+
+def test_best_survives_a_restart(tmp_path):
+    d = str(tmp_path / "ckpts")
+    net = Net()
+    first = ckptkit.Checkpointer(d, max_to_keep=1, best_metric="acc", best_mode="max",
+                                 async_save=False, model=net)
+    first.save(1, {"acc": 0.9})
+    first.save(2, {"acc": 0.5})
+    again = ckptkit.Checkpointer(d, max_to_keep=1, best_metric="acc", best_mode="max",
+                                 async_save=False, model=net)
+    assert again.best.step == 1
+    for s in (3, 4, 5):
+        again.save(s, {"acc": 0.1})
+    assert _steps_on_disk(d) == [1, 5]
+    assert again.restore_best() == 1
+
+
+def test_restore_latest_and_best_values(tmp_path):
+    d = str(tmp_path / "ckpts")
+    net = Net()
+    ckpt = ckptkit.Checkpointer(d, max_to_keep=3, best_metric="loss", async_save=True, model=net)
+    assert ckpt.restore_latest() is None and ckpt.restore_best() is None
+    saved = {}
+    for s, loss in ((1, 0.1), (2, 0.5)):
+        for v in net.trainable_variables:
+            v.assign_add(tf.ones_like(v))
+        ckpt.save(s, {"loss": loss})
+        saved[s] = values(net.trainable_variables)
+    ckpt.wait()
+    fresh = Net(seed=42)
+    other = ckptkit.Checkpointer(d, max_to_keep=3, best_metric="loss", model=fresh)
+    assert other.restore_latest() == 2
+    for a, b in zip(values(fresh.trainable_variables), saved[2]):
+        np.testing.assert_array_equal(a, b)
+    assert other.restore_best() == 1
+    for a, b in zip(values(fresh.trainable_variables), saved[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_keras_model_async_saves_twice_and_restores_exactly(tmp_path):
+    """Regression: Keras 3 variables broke TensorFlow's second async save (ckptkit._compat)."""
+    d = str(tmp_path / "ckpts")
+    model = KerasNet()
+    model(tf.zeros([1, 4]))
+    opt = tf.keras.optimizers.Adam(0.1)
+    opt.build(model.trainable_variables)
+    ckpt = ckptkit.Checkpointer(d, async_save=True, model=model, optimizer=opt)
+    for s in (1, 2, 3):
+        for v in model.trainable_variables:
+            v.assign(v + 1.0)
+        ckpt.save(s)
+    ckpt.wait()
+    want = values(model.variables)
+    assert _steps_on_disk(d) == [1, 2, 3]
+    model2 = KerasNet()
+    model2(tf.zeros([1, 4]))
+    restored = ckptkit.Checkpointer(d, model=model2, optimizer=tf.keras.optimizers.Adam(0.1))
+    assert restored.restore_latest() == 3
+    for a, b in zip(values(model2.variables), want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_metadata_follows_the_files_on_disk(tmp_path):
+    d = str(tmp_path / "ckpts")
+    net = Net()
+    ckpt = ckptkit.Checkpointer(d, max_to_keep=5, async_save=False, model=net)
+    for s in (1, 2, 3):
+        ckpt.save(s, {"loss": float(s)})
+    for f in os.listdir(d):
+        if f.startswith("ckpt-2."):
+            os.remove(os.path.join(d, f))
+    tf.train.Checkpoint(model=net).write(os.path.join(d, "ckpt-7"))  # no metadata entry
+    again = ckptkit.Checkpointer(d, max_to_keep=5, model=net)
+    assert [c.step for c in again.checkpoints] == [1, 3, 7]
+    assert again.checkpoints[-1].metrics is None
+    assert again.checkpoints[0].metrics == {"loss": 1.0}
+
+
+def test_unreadable_metadata_is_reported_and_ignored(tmp_path, caplog):
+    d = str(tmp_path / "ckpts")
+    net = Net()
+    ckptkit.Checkpointer(d, async_save=False, model=net).save(4, {"loss": 1.0})
+    with open(os.path.join(d, metadata.METADATA_FILE), "w") as f:
+        f.write("{not json")
+    with caplog.at_level("WARNING", logger="ckptkit"):
+        again = ckptkit.Checkpointer(d, model=net)
+    assert [c.step for c in again.checkpoints] == [4]
+    assert metadata.METADATA_FILE in caplog.text
+
+
+def test_restore_into_another_model_names_the_checkpoint(tmp_path):
+    d = str(tmp_path / "ckpts")
+    ckptkit.Checkpointer(d, async_save=False, model=Net(hidden=8)).save(1)
+    other = ckptkit.Checkpointer(d, model=Net(hidden=5))
+    with pytest.raises(ckptkit.CheckpointMismatchError, match="ckpt-1"):
+        other.restore_latest()
+
+
+def test_same_step_saved_twice_updates_metrics_only(tmp_path):
+    d = str(tmp_path / "ckpts")
+    ckpt = ckptkit.Checkpointer(d, async_save=True, model=Net())
+    p1 = ckpt.save(3)
+    p2 = ckpt.save(3, {"loss": 0.25})
+    ckpt.wait()
+    assert p1 == p2 and ckpt.latest.metrics == {"loss": 0.25}
+    assert _files(d) == ["ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_write_error_is_raised_with_the_path(tmp_path, async_save):
+    """A failed write (here: TensorFlow cannot create its temporary shard directory, because
+    a file stands in the way) raises CheckpointSaveError naming the checkpoint, in the
+    training thread, and the earlier checkpoint stays listed and restorable."""
+    d = tmp_path / "ckpts"
+    net = Net()
+    ckpt = ckptkit.Checkpointer(str(d), async_save=async_save, model=net)
+    ckpt.save(1)
+    ckpt.wait()
+    (d / "ckpt-2_temp").write_text("in the way")
+    with pytest.raises(ckptkit.CheckpointSaveError, match="ckpt-2"):
+        ckpt.save(2)
+        ckpt.wait()
+    assert _steps_on_disk(str(d)) == [1]
+    assert [c.step for c in ckpt.checkpoints] == [1]
+    assert tf.train.latest_checkpoint(str(d)).endswith("ckpt-1")
+    (d / "ckpt-2_temp").unlink()
+    ckpt.save(3)  # the checkpointer is usable again
+    ckpt.wait()
+    assert _steps_on_disk(str(d)) == [1, 3]
+
+
+def test_constructor_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="max_to_keep"):
+        ckptkit.Checkpointer(str(tmp_path), max_to_keep=0, model=Net())
+    with pytest.raises(ValueError, match="best_mode"):
+        ckptkit.Checkpointer(str(tmp_path), best_mode="median", model=Net())
+    with pytest.raises(ValueError, match="trackable"):
+        ckptkit.Checkpointer(str(tmp_path))
+
+
+def _iterator_and_ds():
+    ds = tf.data.Dataset.range(100).shuffle(10, seed=3).batch(4).repeat()
+    return ds, iter(ds)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_iterator_position_is_saved_at_save_time_and_saving_does_not_disturb_it(tmp_path, async_save):
+    """An async save must neither change what the live iterator yields afterwards (TF's own
+    async copy did, see ckptkit/iterator_state.py) nor record a later position."""
+    _, reference = _iterator_and_ds()
+    expected = [next(reference).numpy().tolist() for _ in range(40)]
+    _, it = _iterator_and_ds()
+    ckpt = ckptkit.Checkpointer(str(tmp_path), async_save=async_save, max_to_keep=None,
+                                data=it, step=tf.Variable(0))
+    seen = []
+    for i in range(40):
+        if i in (5, 17, 30):
+            ckpt.save(i)
+        seen.append(next(it).numpy().tolist())
+    ckpt.wait()
+    assert seen == expected
+    for step in (5, 17, 30):
+        _, fresh = _iterator_and_ds()
+        ckptkit.Checkpointer(str(tmp_path), data=fresh, step=tf.Variable(0)).restore(
+            os.path.join(str(tmp_path), f"ckpt-{step}"), assert_consumed=True)
+        assert next(fresh).numpy().tolist() == expected[step]
+
+
+def test_iterator_keys_match_tensorflows_own(tmp_path):
+    _, it = _iterator_and_ds()
+    ckptkit.Checkpointer(str(tmp_path / "a"), async_save=False, data=it).save(1)
+    tf.train.Checkpoint(data=it).write(str(tmp_path / "b" / "ckpt-1"))
+    ours = {k for k, _ in tf.train.list_variables(str(tmp_path / "a" / "ckpt-1"))}
+    theirs = {k for k, _ in tf.train.list_variables(str(tmp_path / "b" / "ckpt-1"))}
+    assert "data/.ATTRIBUTES/ITERATOR_STATE" in ours
+    assert theirs <= ours | {"save_counter/.ATTRIBUTES/VARIABLE_VALUE"}

@@ -1,0 +1,115 @@
+"""Config schemas: defaults, typo'd keys, wrong types, bad values; every config composes."""
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import ckptkit
+from ckptkit.config import load_config
+
+from conftest import REPO, ToyTrainer, make_cfg
+
+CONFIGS = os.path.join(REPO, "configs")
+
+
+def test_defaults_fill_missing_keys(tmp_path):
+    run, full = load_config({"name": "x", "model": {"anything": [1, 2]}})
+    assert run.run_dir == "runs/x"
+    assert run.checkpoint.dir == "runs/x/checkpoints"
+    assert run.checkpoint.max_to_keep == 3 and run.checkpoint.async_save is True
+    assert run.checkpoint.resume == "auto" and run.export.from_ == "best"
+    assert run.trainer.steps_per_loop == 100
+    assert full.model.anything == [1, 2]  # user keys pass through untouched
+
+
+@pytest.mark.parametrize("override,key", [
+    ({"trainer": {"max_step": 5}}, "trainer.max_step"),
+    ({"checkpoint": {"best": {"metrc": "acc"}}}, "checkpoint.best.metrc"),
+    ({"export": {"fromm": "last"}}, "export.fromm"),
+])
+def test_unknown_key_is_named(tmp_path, override, key):
+    with pytest.raises(ckptkit.ConfigError, match=key.replace(".", r"\.")) as err:
+        ToyTrainer({**make_cfg(tmp_path), **override})
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("dotted,value", [
+    ("trainer.max_steps", "many"),
+    ("checkpoint.async_save", "maybe"),
+    ("trainer.steps_per_loop", 2.5),
+    ("export.verify", "perhaps"),
+])
+def test_wrong_type_is_named(tmp_path, dotted, value):
+    with pytest.raises(ckptkit.ConfigError, match=dotted.replace(".", r"\.")):
+        ToyTrainer(make_cfg(tmp_path, **{dotted: value}))
+
+
+@pytest.mark.parametrize("dotted,value,words", [
+    ("trainer.max_steps", 0, "positive"),
+    ("checkpoint.save_every_steps", -5, "positive"),
+    ("checkpoint.best.mode", "median", "min, max"),
+    ("checkpoint.resume", "sometimes", "auto, never, must"),
+    ("export.from", "middle", "best, last"),
+    ("checkpoint.max_to_keep", 0, "positive"),
+])
+def test_bad_value_is_named(tmp_path, dotted, value, words):
+    with pytest.raises(ckptkit.ConfigError) as err:
+        ToyTrainer(make_cfg(tmp_path, **{dotted: value}))
+    assert err.value.key == dotted and words in str(err.value)
+
+
+def test_name_or_run_dir_required():
+    with pytest.raises(ckptkit.ConfigError, match="run_dir"):
+        load_config({"trainer": {"max_steps": 3}})
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose(config_name="digits", overrides=list(overrides))
+
+
+def test_digits_config_composes_and_validates():
+    cfg = _compose()
+    run, full = load_config(cfg)
+    assert run.name == "digits" and run.run_dir == "runs/digits"
+    assert run.checkpoint.best.metric == "accuracy" and run.checkpoint.best.mode == "max"
+    assert full.data.batch_size == 64
+
+
+@pytest.mark.parametrize("group", ["trainer", "checkpoint", "export", "strategy"])
+def test_every_config_group_option_composes(group):
+    options = [f[:-5] for f in os.listdir(os.path.join(CONFIGS, group)) if f.endswith(".yaml")]
+    assert options
+    for option in options:
+        run, _ = load_config(_compose([f"{group}={option}"]))
+        assert run.trainer.max_steps > 0
+
+
+def test_command_line_overrides_reach_the_settings():
+    run, _ = load_config(_compose(["checkpoint.max_to_keep=7", "export.from=last", "name=other"]))
+    assert run.checkpoint.max_to_keep == 7 and run.export.from_ == "last"
+    assert run.checkpoint.dir == "runs/other/checkpoints"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.max_step=5", "max_step"),
+    ("checkpoint.best.moed=max", "moed"),
+    ("trainer.max_steps=lots", "max_steps"),
+    ("export.verify=perhaps", "verify"),
+])
+def test_hydra_rejects_typos_and_types_at_compose_time(override, key):
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose([override])
+    assert key in str(err.value) or key in str(err.value.__cause__)
+
+
+def test_schemas_are_in_the_config_store():
+    from hydra.core.config_store import ConfigStore
+
+    repo = ConfigStore.instance().repo
+    for group in ("trainer", "checkpoint", "export", "strategy"):
+        assert "schema.yaml" in repo[group]
+    assert OmegaConf.is_config(repo["checkpoint"]["schema.yaml"].node)

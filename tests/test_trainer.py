@@ -1,0 +1,186 @@
+"""The Trainer end to end on a toy model: resume, retention, warm start, errors."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ckptkit
+
+from conftest import ToyTrainer, values
+
+
+def _steps_on_disk(directory):
+    return sorted(int(f[5:-6]) for f in os.listdir(directory) if f.startswith("ckpt-") and f.endswith(".index"))
+
+
+@pytest.mark.parametrize("kind", ["module", "keras"])
+def test_resume_restores_everything_and_continues(toy_cfg, kind):
+    first = ToyTrainer(toy_cfg(**{"model.kind": kind, "trainer.max_steps": 10}))
+    r1 = first.fit()
+    assert r1.step == 10 and r1.steps_run == 10 and r1.resumed_from is None
+    saved_model = values(first.model.variables)
+    saved_slots = values(first.optimizer.variables)
+    assert len(saved_slots) > 2  # iterations, learning rate and the Adam moments
+
+    # Launched again with the same max_steps: restores, trains nothing, says so.
+    again = ToyTrainer(toy_cfg(**{"model.kind": kind, "trainer.max_steps": 10}))
+    r2 = again.fit()
+    assert r2.resumed_from == 10 and r2.steps_run == 0 and r2.step == 10
+    assert int(again.global_step.numpy()) == 10
+    for a, b in zip(values(again.model.variables), saved_model):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(values(again.optimizer.variables), saved_slots):
+        np.testing.assert_array_equal(a, b)
+
+    # With a larger max_steps it continues to it, from the same data position.
+    cont = ToyTrainer(toy_cfg(**{"model.kind": kind, "trainer.max_steps": 20}))
+    r3 = cont.fit()
+    assert r3.resumed_from == 10 and r3.steps_run == 10 and r3.step == 20
+    assert int(cont.optimizer.iterations.numpy()) == 20
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    from conftest import make_cfg
+
+    straight = ToyTrainer(make_cfg(tmp_path / "a", **{"trainer.max_steps": 20, "trainer.eval_every_steps": None}))
+    straight.fit()
+    ToyTrainer(make_cfg(tmp_path / "b", **{"trainer.max_steps": 7, "trainer.eval_every_steps": None})).fit()
+    resumed = ToyTrainer(make_cfg(tmp_path / "b", **{"trainer.max_steps": 20, "trainer.eval_every_steps": None}))
+    resumed.fit()
+    # Same batches in the same order (the data iterator was restored mid-epoch): the
+    # weights agree far below what one different batch would change.
+    for a, b in zip(values(resumed.model.variables), values(straight.model.variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_newest_two_plus_best_are_kept(toy_cfg):
+    cfg = toy_cfg(**{
+        "trainer.max_steps": 30, "trainer.eval_every_steps": 5,
+        "checkpoint.save_every_steps": 5, "checkpoint.max_to_keep": 2,
+        "checkpoint.best.metric": "score", "checkpoint.best.mode": "max",
+        "data.score_peak": 10,
+    })
+    result = ToyTrainer(cfg).fit()
+    ckpt_dir = os.path.join(cfg["run_dir"], "checkpoints")
+    assert _steps_on_disk(ckpt_dir) == [10, 25, 30]
+    assert result.best_step == 10 and result.best_metric == 0.0
+    assert result.best_checkpoint.endswith("ckpt-10")
+
+
+def test_best_save_happens_between_periodic_saves(toy_cfg):
+    cfg = toy_cfg(**{
+        "trainer.max_steps": 20, "trainer.eval_every_steps": 5,
+        "checkpoint.save_every_steps": 20, "checkpoint.max_to_keep": 1,
+        "checkpoint.best.metric": "score", "checkpoint.best.mode": "max",
+        "data.score_peak": 15,
+    })
+    ToyTrainer(cfg).fit()
+    assert _steps_on_disk(os.path.join(cfg["run_dir"], "checkpoints")) == [15, 20]
+
+
+def test_warm_start_restores_backbone_and_keeps_new_head_fresh(tmp_path, caplog):
+    from conftest import make_cfg
+
+    source = ToyTrainer(make_cfg(tmp_path / "src", **{"trainer.max_steps": 10}))
+    source.fit()
+    src_backbone = values([source.model.backbone.w, source.model.backbone.b])
+    src_head_w = source.model.head.w.numpy()
+
+    cfg = make_cfg(tmp_path / "dst", **{
+        "trainer.max_steps": 5, "optim.lr": 0.0,  # lr 0: the weights stay as restored
+        "model.classes": 5, "model.seed": 7,
+        "checkpoint.init_from.path": str(tmp_path / "src"),
+        "checkpoint.init_from.exclude": ["model/head/*"],
+    })
+    with caplog.at_level("INFO", logger="ckptkit"):
+        target = ToyTrainer(cfg)
+        result = target.fit()
+    for a, b in zip(values([target.model.backbone.w, target.model.backbone.b]), src_backbone):
+        np.testing.assert_array_equal(a, b)
+    fresh_head = tf.random.stateless_normal([8, 5], seed=[8, 0]).numpy() * 0.5
+    np.testing.assert_array_equal(target.model.head.w.numpy(), fresh_head)
+    assert target.model.head.w.shape != src_head_w.shape
+    report = result.warm_start
+    assert report.restored == ["model/backbone/b", "model/backbone/w"]
+    assert report.skipped_by_selection == ["model/head/b", "model/head/w"]
+    assert "restored: model/backbone/b, model/backbone/w" in caplog.text
+    assert "skipped by selection (kept fresh): model/head/b, model/head/w" in caplog.text
+
+
+def test_warm_start_strict_lists_every_mismatch(tmp_path):
+    from conftest import make_cfg
+
+    ToyTrainer(make_cfg(tmp_path / "src", **{"trainer.max_steps": 5})).fit()
+    strict = make_cfg(tmp_path / "dst", **{"model.classes": 5, "checkpoint.init_from.path": str(tmp_path / "src")})
+    with pytest.raises(ckptkit.CheckpointMismatchError) as err:
+        ToyTrainer(strict).fit()
+    assert "model/head/w" in str(err.value) and "model/head/b" in str(err.value)
+    assert "[8, 3]" in str(err.value) and "[8, 5]" in str(err.value)
+    assert not os.path.exists(os.path.join(tmp_path / "dst", "checkpoints", "ckpt-20.index"))
+
+    loose = make_cfg(tmp_path / "dst2", **{"model.classes": 5, "trainer.max_steps": 5, "optim.lr": 0.0,
+                                           "checkpoint.init_from.path": str(tmp_path / "src"),
+                                           "checkpoint.init_from.strict": False})
+    result = ToyTrainer(loose).fit()
+    assert result.warm_start.restored == ["model/backbone/b", "model/backbone/w"]
+    assert [p for p, _ in result.warm_start.mismatched] == ["model/head/b", "model/head/w"]
+
+
+def test_resumed_run_ignores_init_from(tmp_path, caplog):
+    from conftest import make_cfg
+
+    ToyTrainer(make_cfg(tmp_path / "src", **{"trainer.max_steps": 5})).fit()
+    cfg = make_cfg(tmp_path / "dst", **{"trainer.max_steps": 5})
+    ToyTrainer(cfg).fit()
+    cfg["checkpoint"]["init_from"] = {"path": str(tmp_path / "src")}
+    with caplog.at_level("INFO", logger="ckptkit"):
+        result = ToyTrainer(cfg).fit()
+    assert result.resumed_from == 5 and result.warm_start is None
+    assert "init_from.path ignored" in caplog.text
+
+
+def test_resume_must_without_checkpoint_fails(toy_cfg):
+    with pytest.raises(ckptkit.CheckpointNotFoundError, match="resume=must"):
+        ToyTrainer(toy_cfg(**{"checkpoint.resume": "must"})).fit()
+
+
+def test_resume_never_moves_old_checkpoints_aside(toy_cfg, tmp_path):
+    ToyTrainer(toy_cfg(**{"trainer.max_steps": 5})).fit()
+    result = ToyTrainer(toy_cfg(**{"trainer.max_steps": 5, "checkpoint.resume": "never"})).fit()
+    assert result.resumed_from is None and result.steps_run == 5
+    moved = [d for d in os.listdir(tmp_path / "run") if d.startswith("checkpoints-moved-")]
+    assert len(moved) == 1
+    assert _steps_on_disk(str(tmp_path / "run" / moved[0])) == [5]
+
+
+def test_best_metric_missing_from_eval_names_the_available_ones(toy_cfg):
+    with pytest.raises(ckptkit.ConfigError, match="accuracy"):
+        ToyTrainer(toy_cfg(**{"checkpoint.best.metric": "f1"})).fit()
+
+
+def test_best_metric_without_eval_dataset_is_an_error(toy_cfg):
+    with pytest.raises(ckptkit.ConfigError, match="eval_dataset"):
+        ToyTrainer(toy_cfg(**{"checkpoint.best.metric": "accuracy", "data.eval": False})).fit()
+
+
+def test_tensorboard_scalars_are_written(toy_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ToyTrainer(toy_cfg(**{"trainer.max_steps": 20})).fit()
+    train = EventAccumulator(str(tmp_path / "run" / "logs" / "train"), size_guidance={"tensors": 0})
+    train.Reload()
+    assert [e.step for e in train.Tensors("loss")] == [10, 20]
+    evals = EventAccumulator(str(tmp_path / "run" / "logs" / "eval"), size_guidance={"tensors": 0})
+    evals.Reload()
+    assert [e.step for e in evals.Tensors("accuracy")] == [10, 20]
+
+
+def test_train_step_must_return_a_dict(toy_cfg):
+    class Bad(ToyTrainer):
+        def train_step(self, batch):
+            return super().train_step(batch)["loss"]
+
+    with pytest.raises(TypeError, match="train_step must return"):
+        Bad(toy_cfg()).fit()
