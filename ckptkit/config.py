@@ -14,12 +14,13 @@ Validation raises :class:`~ckptkit.errors.ConfigError`; it never rewrites a valu
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf import BooleanNode, FloatNode, IntegerNode, StringNode
+from omegaconf import BooleanNode, EnumNode, FloatNode, IntegerNode, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from ckptkit.errors import ConfigError
@@ -27,10 +28,35 @@ from ckptkit.errors import ConfigError
 OWNED_GROUPS = ("trainer", "checkpoint", "export", "strategy")
 OWNED_KEYS = ("name", "run_dir") + OWNED_GROUPS
 
-RESUME_MODES = ("auto", "never", "must")
-BEST_MODES = ("min", "max")
-EXPORT_FROM = ("best", "last")
-STRATEGY_KINDS = ("default", "mirrored", "multi_worker")
+
+# Choices are Enums so Hydra rejects a bad choice at compose time, before any work starts;
+# load_config hands them on as plain strings.
+class BestMode(str, enum.Enum):
+    min = "min"
+    max = "max"
+
+
+class Resume(str, enum.Enum):
+    auto = "auto"
+    never = "never"
+    must = "must"
+
+
+class ExportFrom(str, enum.Enum):
+    best = "best"
+    last = "last"
+
+
+class StrategyKind(str, enum.Enum):
+    default = "default"
+    mirrored = "mirrored"
+    multi_worker = "multi_worker"
+
+
+RESUME_MODES = tuple(m.value for m in Resume)
+BEST_MODES = tuple(m.value for m in BestMode)
+EXPORT_FROM = tuple(m.value for m in ExportFrom)
+STRATEGY_KINDS = tuple(m.value for m in StrategyKind)
 
 
 @dataclass
@@ -46,7 +72,7 @@ class TrainerConfig:
 @dataclass
 class BestConfig:
     metric: Optional[str] = None
-    mode: str = "min"
+    mode: BestMode = BestMode.min
     keep: int = 1
 
 
@@ -68,7 +94,7 @@ class CheckpointConfig:
     save_every_seconds: Optional[float] = None
     best: BestConfig = field(default_factory=BestConfig)
     async_save: bool = True
-    resume: str = "auto"
+    resume: Resume = Resume.auto
     init_from: InitFromConfig = field(default_factory=InitFromConfig)
 
 
@@ -77,14 +103,14 @@ class ExportConfig:
     """``from_`` is the config key ``export.from`` (``from`` is a Python keyword)."""
 
     dir: str = "${run_dir}/export"
-    from_: str = "best"
+    from_: ExportFrom = ExportFrom.best
     verify: bool = True
     enabled: bool = True
 
 
 @dataclass
 class StrategyConfig:
-    kind: str = "default"
+    kind: StrategyKind = StrategyKind.default
 
 
 @dataclass
@@ -107,6 +133,9 @@ def _export_schema() -> DictConfig:
     nodes = {}
     for f in dataclasses.fields(ExportConfig):
         key = "from" if f.name == "from_" else f.name
+        if isinstance(f.default, enum.Enum):
+            nodes[key] = EnumNode(type(f.default), f.default)
+            continue
         type_name = f.type if isinstance(f.type, str) else f.type.__name__
         nodes[key] = _NODE_TYPES[type_name](f.default)
     node = OmegaConf.create(nodes)
@@ -230,14 +259,27 @@ def load_config(cfg: Union[Mapping[str, Any], DictConfig]) -> tuple[RunConfig, D
         OmegaConf.resolve(full)
     except OmegaConfBaseException as exc:
         raise _config_error(exc) from None
-    export = OmegaConf.to_container(full.export)
+    export = OmegaConf.to_container(full.export, enum_to_str=True)
     export["from_"] = export.pop("from")
     run = RunConfig(
         name=full.get("name"),
         run_dir=str(full.run_dir),
-        trainer=OmegaConf.to_object(full.trainer),
-        checkpoint=OmegaConf.to_object(full.checkpoint),
+        trainer=_plain(OmegaConf.to_object(full.trainer)),
+        checkpoint=_plain(OmegaConf.to_object(full.checkpoint)),
         export=ExportConfig(**export),
-        strategy=OmegaConf.to_object(full.strategy),
+        strategy=_plain(OmegaConf.to_object(full.strategy)),
     )
+    for group in ("checkpoint", "export", "strategy"):  # enums as strings for the user's code too
+        full[group] = OmegaConf.create(OmegaConf.to_container(full[group], enum_to_str=True))
     return validate(run), full
+
+
+def _plain(obj):
+    """``obj`` (a schema dataclass) with Enum values replaced by their strings."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, enum.Enum):
+            setattr(obj, f.name, value.value)
+        elif dataclasses.is_dataclass(value):
+            _plain(value)
+    return obj

@@ -61,6 +61,13 @@ def test_bad_value_is_named(tmp_path, dotted, value, words):
     assert err.value.key == dotted and words in str(err.value)
 
 
+def test_choices_reach_hooks_as_plain_strings(tmp_path):
+    trainer = ToyTrainer(make_cfg(tmp_path, **{"checkpoint.best.mode": "max"}))
+    assert trainer.cfg.checkpoint.best.mode == "max" and type(trainer.cfg.checkpoint.best.mode) is str
+    assert type(trainer.settings.checkpoint.resume) is str
+    assert type(trainer.settings.export.from_) is str
+
+
 def test_name_or_run_dir_required():
     with pytest.raises(ckptkit.ConfigError, match="run_dir"):
         load_config({"trainer": {"max_steps": 3}})
@@ -99,6 +106,8 @@ def test_command_line_overrides_reach_the_settings():
     ("checkpoint.best.moed=max", "moed"),
     ("trainer.max_steps=lots", "max_steps"),
     ("export.verify=perhaps", "verify"),
+    ("checkpoint.best.mode=median", "best.mode"),
+    ("export.from=middle", "from"),
 ])
 def test_hydra_rejects_typos_and_types_at_compose_time(override, key):
     with pytest.raises(ConfigCompositionException) as err:
