@@ -32,3 +32,69 @@ def patch_keras_async_checkpoint() -> None:
         object_map[self] = object_map[self.value]
 
     Variable._copy_trackable_to_cpu = _copy_trackable_to_cpu
+
+
+def patch_keras_checkpoint_children() -> None:
+    """Make layers held in lists and dicts part of a Keras 3 model's checkpoint graph.
+
+    Keras 3 tracks ``self.blocks = [Dense(...), ...]`` with its own tracker and shows such
+    collections to TensorFlow only when writing a SavedModel, not a checkpoint
+    (keras/src/backend/tensorflow/layer.py, ``_trackable_children``). In a
+    ``tf.train.Checkpoint`` their variables are then reachable only through the optimizer's
+    list of trainable variables: a model-only restore (warm start, export of the best
+    checkpoint) silently skips them, and their object-graph paths do not exist. The patch
+    adds each tracked collection as a child under its attribute name, as Keras already does
+    for SavedModel; the wrappers are cached so the checkpoint graph stays stable. The state of the layer's seed generators is added as
+    ``_seed_generators`` for the same reason.
+    """
+    global _children_patched
+    if _children_patched:
+        return
+    _children_patched = True
+    try:
+        from keras.src.backend.tensorflow.layer import TFLayer
+        from keras.src.utils import tracking
+        from tensorflow.python.trackable import data_structures
+    except ImportError:
+        return
+    original = TFLayer._trackable_children
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = original(self, save_type, **kwargs)
+        if save_type != "checkpoint":
+            return children
+        cache = self.__dict__.setdefault("_ckptkit_collection_views", {})
+        for attr in getattr(self, "_tracked", ()):
+            if attr in children or attr.startswith("_"):
+                continue
+            item = getattr(self, attr, None)
+            if isinstance(item, (tracking.TrackedList, tracking.TrackedSet)):
+                value = list(item)
+            elif isinstance(item, (tracking.TrackedDict, tracking.TrackedOrderedDict)):
+                value = dict(item)
+            else:
+                continue
+            key = [id(v) for v in (value.values() if isinstance(value, dict) else value)]
+            key = (tuple(value) if isinstance(value, dict) else None, tuple(key))
+            cached = cache.get(attr)
+            if cached is None or cached[0] != key:
+                cached = (key, data_structures.wrap_or_unwrap(value))
+                cache[attr] = cached
+            children[attr] = cached[1]
+        # The state of a layer's random seed generators (Dropout's, for one): Keras keeps
+        # them out of the checkpoint graph too, so a resumed run would draw other masks.
+        states = [sg.state for sg in getattr(self, "_seed_generators", ()) or ()
+                  if getattr(sg, "state", None) is not None]
+        if states and "_seed_generators" not in children:
+            key = ("seed", tuple(id(s) for s in states))
+            cached = cache.get("_seed_generators")
+            if cached is None or cached[0] != key:
+                cached = (key, data_structures.wrap_or_unwrap(states))
+                cache["_seed_generators"] = cached
+            children["_seed_generators"] = cached[1]
+        return children
+
+    TFLayer._trackable_children = _trackable_children
+
+
+_children_patched = False

@@ -27,7 +27,7 @@ from typing import Dict, List, Mapping, Optional
 import tensorflow as tf
 
 from ckptkit import metadata
-from ckptkit._compat import patch_keras_async_checkpoint
+from ckptkit._compat import patch_keras_async_checkpoint, patch_keras_checkpoint_children
 from ckptkit.iterator_state import IteratorCheckpoint, is_dataset_iterator
 from ckptkit.errors import CheckpointMismatchError, CheckpointNotFoundError, CheckpointSaveError
 from ckptkit.policies import (
@@ -87,6 +87,7 @@ class Checkpointer:
             policies.append(KeepEveryNHours(keep_every_n_hours))
         self.retention = KeepAny(tuple(policies))
         self.best_keep = best_keep
+        patch_keras_checkpoint_children()
         if async_save:
             patch_keras_async_checkpoint()
         # tf.data iterators are saved through IteratorCheckpoint (see iterator_state.py).

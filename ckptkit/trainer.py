@@ -27,7 +27,7 @@ from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
 from ckptkit.config import RunConfig, load_config
-from ckptkit.errors import CheckpointNotFoundError, ConfigError, ExportError
+from ckptkit.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, ExportError
 from ckptkit.policies import (
     AnySave,
     CheckpointInfo,
@@ -39,7 +39,7 @@ from ckptkit.policies import (
     is_better,
 )
 from ckptkit.summaries import SummaryWriters
-from ckptkit.transfer import RestoreReport, restore_partial
+from ckptkit.transfer import RestoreReport, restore_partial, unreachable_variables
 
 log = logging.getLogger("ckptkit")
 
@@ -189,6 +189,13 @@ class Trainer:
         )
         self._train_fn = loop_lib.make_train_loop(self.train_step, self.global_step)
         self._train_fn.get_concrete_function(self._iterator, tf.TensorSpec([], tf.int32))
+        hidden = unreachable_variables(self.model)
+        if hidden:
+            raise CheckpointMismatchError(
+                f"{len(hidden)} variable(s) of the model are not reachable through its "
+                f"attributes, so checkpoints would not hold them by path: {', '.join(hidden)}. "
+                "Assign every layer and variable to an attribute of the model (a list or dict "
+                "attribute is fine).")
 
     def _save_policy(self) -> AnySave:
         c = self.settings.checkpoint

@@ -135,6 +135,17 @@ def model_variable_paths(model, root: str = ROOT) -> Dict[str, object]:
     return out
 
 
+def unreachable_variables(model) -> List[str]:
+    """Names of the model's variables that its object graph does not reach.
+
+    Such variables are not written by path into a checkpoint (at best through the
+    optimizer), so a model-only restore would silently leave them as they are.
+    """
+    reachable = {id(v) for v in model_variable_paths(model).values()}
+    return [getattr(v, "path", None) or v.name for v in getattr(model, "variables", [])
+            if id(v) not in reachable]
+
+
 def _renamed(path: str, rename: Mapping[str, str]) -> str:
     for old in sorted(rename, key=len, reverse=True):
         if path.startswith(old):

@@ -13,13 +13,14 @@ class Classifier(tf.keras.Model):
 
     def __init__(self, hidden=(128, 64), classes=10, dropout=0.0):
         super().__init__()
-        self.backbone = tf.keras.Sequential(
-            [layer for units in hidden for layer in (tf.keras.layers.Dense(units, activation="relu"),
-                                                     tf.keras.layers.Dropout(dropout))])
+        self.backbone = [tf.keras.layers.Dense(units, activation="relu") for units in hidden]
+        self.dropout = tf.keras.layers.Dropout(dropout)
         self.head = tf.keras.layers.Dense(classes)
 
     def call(self, x, training=False):
-        return self.head(self.backbone(x, training=training))
+        for layer in self.backbone:
+            x = self.dropout(layer(x), training=training)
+        return self.head(x)
 
 
 def digits_ds(data, *, training: bool, seed: int = 0) -> tf.data.Dataset:

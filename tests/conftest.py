@@ -55,7 +55,7 @@ def toy_data(n=96, n_in=4, classes=3, seed=0):
 
 
 class ToyTrainer(ckptkit.Trainer):
-    """Trainer over toy_data. ``model.kind`` is ``module`` or ``keras``.
+    """Trainer over toy_data. ``model.kind`` is ``module``, ``keras`` or ``keras_list``.
 
     ``data.score_peak``: if set, eval also returns ``score = -(step - peak)^2``, a metric
     whose best step the test knows in advance.
@@ -65,6 +65,8 @@ class ToyTrainer(ckptkit.Trainer):
         m = self.cfg.model
         if m.kind == "keras":
             return KerasNet(m.hidden, m.classes)
+        if m.kind == "keras_list":
+            return KerasListNet(m.hidden, m.classes)
         return Net(4, m.hidden, m.classes, seed=m.seed)
 
     def build_optimizer(self):
@@ -83,7 +85,7 @@ class ToyTrainer(ckptkit.Trainer):
     def train_step(self, batch):
         x, y = batch
         with tf.GradientTape() as tape:
-            logits = self.model(x)
+            logits = self.model(x, training=True) if self.cfg.model.kind == "keras_list" else self.model(x)
             loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
         variables = self.model.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
@@ -125,3 +127,20 @@ def values(variables):
 @pytest.fixture
 def toy_cfg(tmp_path):
     return lambda **kw: make_cfg(tmp_path / "run", **kw)
+
+
+class KerasListNet(tf.keras.Model):
+    """Keras 3 layers held in a list attribute, and a Dropout with its seed generator:
+    both are invisible to tf.train.Checkpoint without ckptkit._compat."""
+
+    def __init__(self, hidden=8, classes=3, dropout=0.2):
+        super().__init__()
+        self.blocks = [tf.keras.layers.Dense(hidden, activation="relu"),
+                       tf.keras.layers.Dense(hidden, activation="relu")]
+        self.drop = tf.keras.layers.Dropout(dropout)
+        self.head = tf.keras.layers.Dense(classes)
+
+    def call(self, x, training=False):
+        for block in self.blocks:
+            x = self.drop(block(x), training=training)
+        return self.head(x)

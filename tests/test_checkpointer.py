@@ -10,7 +10,7 @@ import tensorflow as tf
 import ckptkit
 from ckptkit import metadata
 
-from conftest import KerasNet, Net, values
+from conftest import KerasListNet, KerasNet, Net, values
 
 
 def _files(directory):
@@ -220,3 +220,26 @@ def test_iterator_keys_match_tensorflows_own(tmp_path):
     theirs = {k for k, _ in tf.train.list_variables(str(tmp_path / "b" / "ckpt-1"))}
     assert "data/.ATTRIBUTES/ITERATOR_STATE" in ours
     assert theirs <= ours | {"save_counter/.ATTRIBUTES/VARIABLE_VALUE"}
+
+
+def test_keras_layers_in_lists_and_dropout_state_are_in_a_model_only_restore(tmp_path):
+    """Regression: Keras 3 hides list-held layers and seed generators from tf.train.Checkpoint,
+    so a model-only restore skipped them silently (ckptkit._compat)."""
+    model = KerasListNet()
+    model(tf.zeros([2, 4]), training=True)
+    for v in model.variables:
+        v.assign(v + 1)
+    opt = tf.keras.optimizers.Adam(0.1)
+    opt.build(model.trainable_variables)
+    ckpt = ckptkit.Checkpointer(str(tmp_path), async_save=False, model=model, optimizer=opt)
+    ckpt.save(1)
+    keys = {k for k, _ in tf.train.list_variables(str(tmp_path / "ckpt-1"))}
+    assert "model/drop/_seed_generators/0/.ATTRIBUTES/VARIABLE_VALUE" in keys
+    fresh = KerasListNet()
+    fresh(tf.zeros([2, 4]), training=True)
+    status = tf.train.Checkpoint(model=fresh).read(str(tmp_path / "ckpt-1"))
+    status.assert_existing_objects_matched()
+    status.expect_partial()
+    assert len(fresh.variables) == len(model.variables) == 7
+    for a, b in zip(values(fresh.variables), values(model.variables)):
+        np.testing.assert_array_equal(a, b)

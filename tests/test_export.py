@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import ckptkit
 from ckptkit import export as export_lib
+from ckptkit.transfer import checkpoint_variable_paths
 
 from conftest import ToyTrainer, toy_data
 
@@ -91,3 +92,24 @@ def test_signatures_without_serving_default_are_refused(toy_cfg):
 
     with pytest.raises(ckptkit.ExportError, match="serving_default"):
         NoDefault(toy_cfg(**{"trainer.max_steps": 5, "export.enabled": True})).fit()
+
+
+def test_export_from_best_holds_every_layer_of_the_best_step(toy_cfg):
+    """All of the best step's weights, also Keras layers held in a list (a model-only restore
+    used to leave those at the last step's values)."""
+    cfg = toy_cfg(**{
+        "model.kind": "keras_list", "trainer.max_steps": 20, "trainer.eval_every_steps": 5,
+        "checkpoint.save_every_steps": 5, "checkpoint.best.metric": "score",
+        "checkpoint.best.mode": "max", "data.score_peak": 10, "export.enabled": True,
+    })
+    result = ToyTrainer(cfg).fit()
+    loaded = tf.saved_model.load(result.export_path)
+    best = os.path.join(cfg["run_dir"], "checkpoints", "ckpt-10")
+    last = os.path.join(cfg["run_dir"], "checkpoints", "ckpt-20")
+    exported = [v.numpy() for v in loaded.model_variables]
+    for block in (0, 1):
+        path = f"model/blocks/{block}/_kernel"
+        want = tf.train.load_checkpoint(best).get_tensor(checkpoint_variable_paths(best)[path])
+        stale = tf.train.load_checkpoint(last).get_tensor(checkpoint_variable_paths(last)[path])
+        assert not np.array_equal(want, stale)
+        assert sum(np.array_equal(want, got) for got in exported) == 1, path

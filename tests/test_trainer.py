@@ -15,7 +15,7 @@ def _steps_on_disk(directory):
     return sorted(int(f[5:-6]) for f in os.listdir(directory) if f.startswith("ckpt-") and f.endswith(".index"))
 
 
-@pytest.mark.parametrize("kind", ["module", "keras"])
+@pytest.mark.parametrize("kind", ["module", "keras", "keras_list"])
 def test_resume_restores_everything_and_continues(toy_cfg, kind):
     first = ToyTrainer(toy_cfg(**{"model.kind": kind, "trainer.max_steps": 10}))
     r1 = first.fit()
@@ -41,13 +41,16 @@ def test_resume_restores_everything_and_continues(toy_cfg, kind):
     assert int(cont.optimizer.iterations.numpy()) == 20
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("kind", ["module", "keras_list"])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, kind):
+    """Mid-epoch (7 of 6-batch epochs), shuffled data, async saves; with Dropout for Keras."""
     from conftest import make_cfg
 
-    straight = ToyTrainer(make_cfg(tmp_path / "a", **{"trainer.max_steps": 20, "trainer.eval_every_steps": None}))
+    kw = {"trainer.eval_every_steps": None, "model.kind": kind}
+    straight = ToyTrainer(make_cfg(tmp_path / "a", **{"trainer.max_steps": 20, **kw}))
     straight.fit()
-    ToyTrainer(make_cfg(tmp_path / "b", **{"trainer.max_steps": 7, "trainer.eval_every_steps": None})).fit()
-    resumed = ToyTrainer(make_cfg(tmp_path / "b", **{"trainer.max_steps": 20, "trainer.eval_every_steps": None}))
+    ToyTrainer(make_cfg(tmp_path / "b", **{"trainer.max_steps": 7, **kw})).fit()
+    resumed = ToyTrainer(make_cfg(tmp_path / "b", **{"trainer.max_steps": 20, **kw}))
     resumed.fit()
     # Same batches in the same order (the data iterator was restored mid-epoch): the
     # weights agree far below what one different batch would change.
@@ -184,3 +187,36 @@ def test_train_step_must_return_a_dict(toy_cfg):
 
     with pytest.raises(TypeError, match="train_step must return"):
         Bad(toy_cfg()).fit()
+
+
+def test_warm_start_reaches_keras_layers_held_in_a_list(tmp_path):
+    from conftest import make_cfg
+
+    source = ToyTrainer(make_cfg(tmp_path / "src", **{"trainer.max_steps": 5, "model.kind": "keras_list"}))
+    source.fit()
+    target = ToyTrainer(make_cfg(tmp_path / "dst", **{
+        "trainer.max_steps": 5, "optim.lr": 0.0, "model.kind": "keras_list", "model.classes": 4,
+        "checkpoint.init_from.path": str(tmp_path / "src"),
+        "checkpoint.init_from.exclude": ["model/head/*", "model/drop/*"],
+    }))
+    report = target.fit().warm_start
+    assert report.restored == ["model/blocks/0/_kernel", "model/blocks/0/bias",
+                               "model/blocks/1/_kernel", "model/blocks/1/bias"]
+    for a, b in zip(target.model.blocks, source.model.blocks):
+        np.testing.assert_array_equal(a.kernel.numpy(), b.kernel.numpy())
+
+
+def test_variables_the_checkpoint_cannot_reach_are_refused(toy_cfg):
+    from conftest import Net
+
+    class Hidden(Net):
+        def __init__(self):
+            super().__init__()
+            object.__setattr__(self, "secret", tf.Variable(1.0, name="secret"))  # not tracked
+
+    class HiddenTrainer(ToyTrainer):
+        def build_model(self):
+            return Hidden()
+
+    with pytest.raises(ckptkit.CheckpointMismatchError, match="secret"):
+        HiddenTrainer(toy_cfg()).fit()
