@@ -18,6 +18,7 @@ the best checkpoints, and its state file would keep listing files deleted outsid
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -155,15 +156,17 @@ class Checkpointer:
             if metrics:
                 merged = dict(existing.metrics or {})
                 merged.update(metrics)
-                self._record(CheckpointInfo(existing.step, existing.path, existing.time,
-                                            merged, existing.size, existing.save_seconds))
+                self._record(dataclasses.replace(existing, metrics=merged))
             return existing.path
         tf.io.gfile.makedirs(self.directory)
         started = time.time()
         info = CheckpointInfo(step=step, path=prefix, time=started, metrics=metrics)
+        returned = threading.Event()  # set once write() returned and blocking time is known
+        timing = {}
         options = tf.train.CheckpointOptions(
             enable_async=self.async_save,
-            experimental_write_callbacks=[lambda _path: self._on_written(info, started)],
+            experimental_write_callbacks=[
+                lambda _path: self._on_written(info, started, returned, timing)],
         )
         previous = self._pending
         if self._iterators:
@@ -181,6 +184,8 @@ class Checkpointer:
                 ) from exc
             self._raise_background_error()
             raise CheckpointSaveError(f"saving checkpoint {prefix} failed: {exc}") from exc
+        timing["blocking"] = time.time() - started
+        returned.set()
         if not self.async_save:
             self._raise_background_error()
         return prefix
@@ -205,16 +210,19 @@ class Checkpointer:
         if err is not None:
             raise err
 
-    def _on_written(self, info: CheckpointInfo, started: float) -> None:
+    def _on_written(self, info: CheckpointInfo, started: float, returned: threading.Event,
+                    timing: dict) -> None:
         """Runs once the files of ``info`` are complete (in TensorFlow's save thread if async)."""
         try:
-            done = CheckpointInfo(
-                step=info.step, path=info.path, time=info.time, metrics=info.metrics,
-                size=metadata.files_size(info.path), save_seconds=time.time() - started,
-            )
+            seconds = time.time() - started
+            if self.async_save:
+                returned.wait(timeout=60)  # write() returns right after the copy
+            blocking = timing.get("blocking", seconds)
+            done = dataclasses.replace(info, size=metadata.files_size(info.path),
+                                       save_seconds=seconds, blocking_seconds=blocking)
             self._record(done)
-            log.info("saved checkpoint %s (step %d, %.2fs)", info.path, info.step,
-                     done.save_seconds)
+            log.info("saved checkpoint %s (step %d, %.2fs, training blocked %.3fs)",
+                     info.path, info.step, seconds, blocking)
         except Exception as exc:  # noqa: BLE001 - surfaced in the training thread
             self._background_error = CheckpointSaveError(
                 f"recording checkpoint {info.path} failed: {exc}")

@@ -92,6 +92,7 @@ class CheckpointConfig:
     keep_every_n_hours: Optional[float] = None
     save_every_steps: Optional[int] = 1000
     save_every_seconds: Optional[float] = None
+    save_at_steps: List[int] = field(default_factory=list)
     best: BestConfig = field(default_factory=BestConfig)
     async_save: bool = True
     resume: Resume = Resume.auto
@@ -236,6 +237,8 @@ def validate(run: RunConfig) -> RunConfig:
     _positive("checkpoint.save_every_steps", c.save_every_steps, allow_none=True, integer=True)
     _positive("checkpoint.save_every_seconds", c.save_every_seconds, allow_none=True, integer=False)
     _positive("checkpoint.best.keep", c.best.keep, allow_none=False, integer=True)
+    for step in c.save_at_steps:
+        _positive("checkpoint.save_at_steps", step, allow_none=False, integer=True)
     _one_of("checkpoint.best.mode", c.best.mode, BEST_MODES)
     _one_of("checkpoint.resume", c.resume, RESUME_MODES)
     _one_of("export.from", e.from_, EXPORT_FROM)

@@ -121,6 +121,7 @@ def scan(directory: str) -> List[CheckpointInfo]:
             metrics=dict(metrics) if isinstance(metrics, dict) else None,
             size=entry.get("size"),
             save_seconds=entry.get("save_seconds"),
+            blocking_seconds=entry.get("blocking_seconds"),
         ))
     return sorted(found, key=lambda c: c.step)
 
@@ -140,6 +141,7 @@ def write_metadata(directory: str, checkpoints: Sequence[CheckpointInfo], *,
                 "path": os.path.basename(c.path),
                 "time": c.time,
                 "save_seconds": c.save_seconds,
+                "blocking_seconds": c.blocking_seconds,
                 "size": c.size,
                 "metrics": None if c.metrics is None
                 else {k: _finite_or_none(v) for k, v in c.metrics.items()},

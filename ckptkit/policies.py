@@ -23,7 +23,8 @@ class CheckpointInfo:
     time: float
     metrics: Optional[Mapping[str, float]] = None
     size: Optional[int] = None
-    save_seconds: Optional[float] = None
+    save_seconds: Optional[float] = None  # from the start of the save to files complete
+    blocking_seconds: Optional[float] = None  # how long the save held up training
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from ckptkit.policies import (
     AnySave,
     CheckpointInfo,
     SaveAtEnd,
+    SaveAtSteps,
     SaveContext,
     SaveEveryNSeconds,
     SaveEveryNSteps,
@@ -83,6 +84,9 @@ def _features(batch):
 
 class Trainer:
     """Base class of a training script; see the README for a complete example."""
+
+    #: Wall clock for the time-based save policy; tests replace it with a fake clock.
+    clock: Callable[[], float] = staticmethod(time.time)
 
     def __init__(self, cfg: Union[DictConfig, Mapping[str, Any]]):
         self.settings: RunConfig
@@ -204,6 +208,8 @@ class Trainer:
             policies.append(SaveEveryNSteps(c.save_every_steps))
         if c.save_every_seconds:
             policies.append(SaveEveryNSeconds(c.save_every_seconds))
+        if c.save_at_steps:
+            policies.append(SaveAtSteps(frozenset(int(s) for s in c.save_at_steps)))
         return AnySave(tuple(policies))
 
     def _resume_or_warm_start(self) -> tuple[Optional[int], Optional[RestoreReport]]:
@@ -241,7 +247,8 @@ class Trainer:
         for period in (t.log_every_steps, t.eval_every_steps, c.save_every_steps):
             if period:
                 target = min(target, (step // period + 1) * period)
-        return target
+        later = [int(s) for s in c.save_at_steps if int(s) > step]
+        return min([target] + later)
 
     def _evaluate(self, eval_ds, step: int) -> Dict[str, float]:
         if self._eval_fn is None:
@@ -274,7 +281,7 @@ class Trainer:
         train_metrics: Dict[str, float] = {}
         eval_metrics: Dict[str, float] = {}
         last_save_step = ckpt.latest.step if ckpt.latest else None
-        last_save_time = time.time()
+        last_save_time = self.clock()
         if step >= t.max_steps:
             log.info("run %s already finished: step %d of trainer.max_steps=%d, nothing to train",
                      s.name or self.run_dir, step, t.max_steps)
@@ -315,11 +322,11 @@ class Trainer:
                         log.info("new best %s=%.6g at step %d (was %s)", c.best.metric, value,
                                  step, "none" if best_value is None else f"{best_value:.6g}")
                         best_value, best_step, new_best = value, step, True
-                ctx = SaveContext(step=step, now=time.time(), last_save_step=last_save_step,
+                ctx = SaveContext(step=step, now=self.clock(), last_save_step=last_save_step,
                                   last_save_time=last_save_time, new_best=new_best, final=final)
                 if policy.should_save(ctx):
                     ckpt.save(step, metrics=step_eval)
-                    last_save_step, last_save_time = step, time.time()
+                    last_save_step, last_save_time = step, ctx.now
             if step > start_step and last_save_step != step:
                 ckpt.save(step, metrics=eval_metrics or None)
         finally:

@@ -243,3 +243,64 @@ def test_keras_layers_in_lists_and_dropout_state_are_in_a_model_only_restore(tmp
     assert len(fresh.variables) == len(model.variables) == 7
     for a, b in zip(values(fresh.variables), values(model.variables)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_twenty_saves_keep_newest_three_and_best_two(tmp_path):
+    d = str(tmp_path / "ckpts")
+    rng = np.random.default_rng(7)
+    losses = {s: float(v) for s, v in zip(range(1, 21), rng.uniform(0, 1, 20))}
+    losses[4] = float("nan")
+    ckpt = ckptkit.Checkpointer(d, max_to_keep=3, best_metric="loss", best_mode="min", best_keep=2,
+                                async_save=True, model=Net())
+    for s, loss in losses.items():
+        ckpt.save(s, {"loss": loss})
+    ckpt.wait()
+    finite = sorted((v, s) for s, v in losses.items() if not np.isnan(v))
+    expected = {18, 19, 20} | {s for _, s in finite[:2]}
+    assert set(_steps_on_disk(d)) == expected
+    doc = json.load(open(os.path.join(d, metadata.METADATA_FILE)))
+    assert {c["step"] for c in doc["checkpoints"]} == expected
+    assert doc["best"] == [s for _, s in finite[:2]]
+    assert all(c["blocking_seconds"] is not None and c["save_seconds"] > 0 for c in doc["checkpoints"])
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_bookkeeping_points_only_at_complete_checkpoints(tmp_path, monkeypatch, async_save):
+    """Every time the metadata or the state file is written, each checkpoint it lists is
+    complete on disk and every one of its tensors reads back."""
+    d = str(tmp_path / "ckpts")
+    calls = []
+
+    def complete(checkpoints):
+        for c in checkpoints:
+            reader = tf.train.load_checkpoint(c.path)
+            for key in reader.get_variable_to_shape_map():
+                reader.get_tensor(key)
+        calls.append(sorted(c.step for c in checkpoints))
+
+    real_meta, real_state = metadata.write_metadata, metadata.write_state_file
+
+    def spy_meta(directory, checkpoints, **kw):
+        complete(checkpoints)
+        real_meta(directory, checkpoints, **kw)
+
+    def spy_state(directory, checkpoints):
+        complete(checkpoints)
+        real_state(directory, checkpoints)
+
+    monkeypatch.setattr(metadata, "write_metadata", spy_meta)
+    monkeypatch.setattr(metadata, "write_state_file", spy_state)
+    big = tf.Variable(tf.random.normal([1024, 1024]))  # 4 MB: the write takes a while
+    ckpt = ckptkit.Checkpointer(d, max_to_keep=2, async_save=async_save, model=Net(), big=big)
+    for s in range(1, 7):
+        big.assign_add(tf.ones_like(big))
+        ckpt.save(s)
+        if async_save and s == 1:
+            # Right after save() returns the write is still in flight: nothing lists it yet.
+            assert calls == [] or calls[-1] == [1]
+    ckpt.wait()
+    assert calls[-1] == [5, 6] and len(calls) == 12
+    # The kept checkpoints hold the values of their own step, not a later one.
+    reader = tf.train.load_checkpoint(os.path.join(d, "ckpt-5"))
+    key = [k for k in reader.get_variable_to_shape_map() if k.startswith("big/")][0]
+    np.testing.assert_allclose(reader.get_tensor(key), big.numpy() - 1.0)

@@ -220,3 +220,30 @@ def test_variables_the_checkpoint_cannot_reach_are_refused(toy_cfg):
 
     with pytest.raises(ckptkit.CheckpointMismatchError, match="secret"):
         HiddenTrainer(toy_cfg()).fit()
+
+
+def test_wall_clock_saves_with_a_fake_clock(toy_cfg):
+    class FakeClock:
+        def __init__(self):
+            self.now = 1000.0
+
+        def __call__(self):
+            self.now += 10.0  # every look at the clock: ten seconds later
+            return self.now
+
+    class Timed(ToyTrainer):
+        clock = FakeClock()
+
+    cfg = toy_cfg(**{"trainer.max_steps": 40, "trainer.steps_per_loop": 5, "trainer.eval_every_steps": None,
+                     "trainer.log_every_steps": 5, "checkpoint.save_every_steps": None,
+                     "checkpoint.save_every_seconds": 25, "checkpoint.max_to_keep": None})
+    Timed(cfg).fit()
+    # One clock read at the start and one per 5-step loop: 10 s per loop, a save every 3rd.
+    assert _steps_on_disk(os.path.join(cfg["run_dir"], "checkpoints")) == [15, 30, 40]
+
+
+def test_save_at_specific_steps(toy_cfg):
+    cfg = toy_cfg(**{"trainer.max_steps": 20, "checkpoint.save_every_steps": None,
+                     "checkpoint.save_at_steps": [3, 11], "checkpoint.max_to_keep": None})
+    ToyTrainer(cfg).fit()
+    assert _steps_on_disk(os.path.join(cfg["run_dir"], "checkpoints")) == [3, 11, 20]
