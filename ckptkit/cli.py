@@ -15,6 +15,9 @@ from typing import List, Optional
 EPILOG = """examples:
   ckptkit ls runs/digits              checkpoints of a run: step, time, size, metrics, marks
   ckptkit ls runs/digits/checkpoints  the same, given the checkpoint directory
+  ckptkit export runs/digits          export the best checkpoint again, without training
+  ckptkit verify runs/digits/export/1 load a SavedModel and show its signatures
+  ckptkit verify runs/digits/checkpoints/ckpt-1500   read every tensor of a checkpoint
 
 exit codes: 0 success, 1 error (one line; --debug for the traceback), 2 bad usage
 """
@@ -68,6 +71,74 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from omegaconf import OmegaConf
+
+    from ckptkit import runinfo
+
+    run_dir = os.path.abspath(args.run_dir)
+    record = runinfo.read_run_record(run_dir)
+    cls = runinfo.import_trainer_class(record["trainer"])
+    cfg = OmegaConf.create(record["config"])
+    old_run_dir = str(cfg.run_dir)
+    cfg.run_dir = run_dir
+    for key in ("checkpoint.dir", "export.dir"):  # follow the run directory if it moved
+        value = str(OmegaConf.select(cfg, key))
+        if value == old_run_dir or value.startswith(old_run_dir.rstrip("/") + "/"):
+            OmegaConf.update(cfg, key, run_dir + value[len(old_run_dir):])
+        elif not os.path.isabs(value) and "://" not in value:
+            OmegaConf.update(cfg, key, os.path.join(record.get("cwd", ""), value))
+    here = os.getcwd()
+    if record.get("cwd") and os.path.isdir(record["cwd"]):
+        os.chdir(record["cwd"])  # the user's relative data paths mean what they meant then
+    try:
+        trainer = cls(cfg)
+        path = trainer.export(from_=args.source, to=os.path.join(here, args.to) if args.to else None)
+    finally:
+        os.chdir(here)
+    if path is None:
+        raise RuntimeError(f"{run_dir} has no checkpoint to export")
+    print(path)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import tensorflow as tf
+
+    path = args.path.rstrip("/")
+    if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        loaded = tf.saved_model.load(path)
+        print(f"{path}: SavedModel, {len(loaded.signatures)} signature(s)")
+        for name, fn in sorted(loaded.signatures.items()):
+            _, inputs = fn.structured_input_signature
+            print(f"  signature {name!r}")
+            for arg, spec in sorted(inputs.items()):
+                print(f"    input  {arg}: {spec.dtype.name} {spec.shape}")
+            for key, spec in sorted(fn.structured_outputs.items()):
+                print(f"    output {key}: {spec.dtype.name} {spec.shape}")
+        return 0
+    prefix = path[:-len(".index")] if path.endswith(".index") else path
+    if not tf.io.gfile.exists(prefix + ".index"):
+        raise FileNotFoundError(f"{args.path} is neither a SavedModel directory nor a checkpoint "
+                                "prefix (no saved_model.pb, no .index file)")
+    reader = tf.train.load_checkpoint(prefix)
+    dtypes = reader.get_variable_to_dtype_map()
+    total, opaque = 0, 0
+    for key in sorted(dtypes):
+        if dtypes[key] == tf.variant:  # a tf.data iterator's state: listed, not readable here
+            opaque += 1
+            continue
+        try:
+            value = reader.get_tensor(key)
+        except tf.errors.OpError as exc:
+            raise RuntimeError(f"{prefix}: tensor {key} cannot be read ({exc.message}); the "
+                               "checkpoint is truncated or corrupt") from exc
+        total += getattr(value, "nbytes", 0)
+    print(f"{prefix}: checkpoint OK, {len(dtypes) - opaque} tensors read ({total} bytes)"
+          + (f", {opaque} data-iterator state(s) present" if opaque else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckptkit",
@@ -84,6 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ls.add_argument("path", metavar="RUN_OR_CKPT_DIR")
     ls.set_defaults(func=cmd_ls)
+    exp = sub.add_parser(
+        "export", help="export a run's best or last checkpoint as a SavedModel, without training",
+        description="Rebuild the run's trainer from RUN_DIR/ckptkit_run.yaml (its class and "
+                    "resolved config), restore the chosen checkpoint and export it to the next "
+                    "version directory. Prints the export's path.",
+        epilog="examples:\n  ckptkit export runs/digits\n  ckptkit export runs/digits --from last --to /srv/models/digits",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("run_dir", metavar="RUN_DIR")
+    exp.add_argument("--from", dest="source", choices=["best", "last"], default=None,
+                     help="which checkpoint (default: the run's export.from)")
+    exp.add_argument("--to", metavar="DIR", default=None, help="export directory (default: the run's export.dir)")
+    exp.set_defaults(func=cmd_export)
+    ver = sub.add_parser(
+        "verify", help="check that a checkpoint or a SavedModel is complete and readable",
+        description="For a checkpoint prefix: read every tensor. For a SavedModel directory: "
+                    "load it and print each signature's inputs and outputs.",
+        epilog="examples:\n  ckptkit verify runs/digits/checkpoints/ckpt-1500\n  ckptkit verify runs/digits/export/1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ver.add_argument("path", metavar="CKPT_OR_EXPORT")
+    ver.set_defaults(func=cmd_verify)
     return parser
 
 

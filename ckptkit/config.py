@@ -107,6 +107,8 @@ class ExportConfig:
     from_: ExportFrom = ExportFrom.best
     verify: bool = True
     enabled: bool = True
+    on_best: bool = False
+    max_to_keep: Optional[int] = None
 
 
 @dataclass
@@ -138,7 +140,9 @@ def _export_schema() -> DictConfig:
             nodes[key] = EnumNode(type(f.default), f.default)
             continue
         type_name = f.type if isinstance(f.type, str) else f.type.__name__
-        nodes[key] = _NODE_TYPES[type_name](f.default)
+        optional = type_name.startswith("Optional[")
+        type_name = type_name[len("Optional["):-1] if optional else type_name
+        nodes[key] = _NODE_TYPES[type_name](f.default, is_optional=optional)
     node = OmegaConf.create(nodes)
     OmegaConf.set_struct(node, True)
     return node
@@ -242,6 +246,7 @@ def validate(run: RunConfig) -> RunConfig:
     _one_of("checkpoint.best.mode", c.best.mode, BEST_MODES)
     _one_of("checkpoint.resume", c.resume, RESUME_MODES)
     _one_of("export.from", e.from_, EXPORT_FROM)
+    _positive("export.max_to_keep", e.max_to_keep, allow_none=True, integer=True)
     _one_of("strategy.kind", run.strategy.kind, STRATEGY_KINDS)
     if run.strategy.kind != "default":
         raise ConfigError("strategy.kind", f"{run.strategy.kind!r} is not supported yet; use default")

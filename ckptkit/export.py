@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, Mapping, Optional
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -55,12 +56,70 @@ class _ExportRoot(tf.Module):
         self.model_variables = list(getattr(model, "variables", []))
 
 
+def named_signatures(signatures: Mapping[str, Callable]) -> Dict[str, Callable]:
+    """Signatures whose outputs are a dict, so served outputs have names, not ``output_0``.
+
+    A signature returning a tensor serves it as ``output``, a tuple/list as ``output_<i>``.
+    Inputs keep their names (the TensorSpec's name, else the Python argument's name).
+    """
+    out = {}
+    for name, fn in signatures.items():
+        if not hasattr(fn, "get_concrete_function") or not getattr(fn, "input_signature", None):
+            raise ExportError(
+                f"signature {name!r} must be a tf.function with an input_signature, e.g. "
+                "tf.function(f, input_signature=[tf.TensorSpec([None, 64], tf.float32)])")
+        concrete = fn.get_concrete_function()
+        if isinstance(concrete.structured_outputs, Mapping):
+            out[name] = fn
+            continue
+        arg_names = list(concrete.structured_input_signature[1]) or []
+        if not arg_names:
+            arg_names = [f"input_{i}" for i in range(len(fn.input_signature))]
+        specs = [tf.TensorSpec(spec.shape, spec.dtype, name=spec.name or arg)
+                 for spec, arg in zip(fn.input_signature, arg_names)]
+
+        out[name] = tf.function(_with_named_outputs(fn), input_signature=specs)
+    return out
+
+
+def _with_named_outputs(fn: Callable) -> Callable:
+    def named(*args):
+        result = fn(*args)
+        if isinstance(result, (tuple, list)):
+            return {f"output_{i}": r for i, r in enumerate(result)}
+        return {"output": result}
+
+    return named
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(export_dir: str) -> None:
+    """Remove ``.tmp-<version>-<pid>`` directories left by exports killed on this host."""
+    for name in tf.io.gfile.listdir(export_dir):
+        name = name.rstrip("/")
+        parts = name.split("-")
+        if len(parts) == 3 and parts[0] == ".tmp" and parts[2].isdigit():
+            if not _pid_alive(int(parts[2])):
+                tf.io.gfile.rmtree(os.path.join(export_dir, name))
+                log.info("removed %s, left by an interrupted export", os.path.join(export_dir, name))
+
+
 def export_saved_model(
     model,
     signatures: Mapping[str, Callable],
     export_dir: str,
     *,
     info: Mapping[str, Any],
+    config_yaml: Optional[str] = None,
 ) -> str:
     """Write a SavedModel of ``model`` with ``signatures``; return the version directory."""
     if "serving_default" not in signatures:
@@ -68,6 +127,7 @@ def export_saved_model(
             f"serving_signatures() returned {sorted(signatures)}; it must include "
             "'serving_default', the signature TensorFlow Serving calls by default")
     tf.io.gfile.makedirs(export_dir)
+    _remove_stale_temporaries(export_dir)
     version = (versions(export_dir) or [0])[-1] + 1
     final = os.path.join(export_dir, str(version))
     tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
@@ -76,9 +136,12 @@ def export_saved_model(
     root = _ExportRoot(model)
     try:
         tf.saved_model.save(root, tmp, signatures=dict(signatures))
-        tf.io.gfile.makedirs(os.path.join(tmp, "assets.extra"))
-        atomic_write_text(os.path.join(tmp, "assets.extra", EXPORT_INFO),
+        extra = os.path.join(tmp, "assets.extra")
+        tf.io.gfile.makedirs(extra)
+        atomic_write_text(os.path.join(extra, EXPORT_INFO),
                           json.dumps(dict(info), indent=1, default=str) + "\n")
+        if config_yaml is not None:
+            atomic_write_text(os.path.join(extra, "config.yaml"), config_yaml)
         tf.io.gfile.rename(tmp, final)
     except Exception as exc:
         if tf.io.gfile.exists(tmp):
@@ -86,6 +149,19 @@ def export_saved_model(
         raise ExportError(f"exporting the SavedModel to {final} failed: {exc}") from exc
     log.info("exported SavedModel version %d to %s (step %s)", version, final, info.get("step"))
     return final
+
+
+def prune_versions(export_dir: str, keep: int) -> List[str]:
+    """Delete all but the newest ``keep`` versions that ckptkit exported; return them."""
+    removed = []
+    ours = [v for v in versions(export_dir)
+            if read_export_info(os.path.join(export_dir, str(v))) is not None]
+    for v in ours[:-keep] if keep else []:
+        path = os.path.join(export_dir, str(v))
+        tf.io.gfile.rmtree(path)
+        removed.append(path)
+        log.info("deleted export version %d (export.max_to_keep=%d)", v, keep)
+    return removed
 
 
 def verify_export(path: str, signatures: Mapping[str, Callable], sample) -> list:
@@ -110,7 +186,7 @@ def verify_export(path: str, signatures: Mapping[str, Callable], sample) -> list
             continue
         live = fn(x)
         got = served(**{arg: x})
-        live = live if isinstance(live, Mapping) else {"output_0": live}
+        live = live if isinstance(live, Mapping) else {"output": live}
         for key, want in live.items():
             if key not in got:
                 raise ExportError(f"export check of {path}: signature {name!r} lacks output {key!r}")
@@ -120,3 +196,51 @@ def verify_export(path: str, signatures: Mapping[str, Callable], sample) -> list
                     "the live model; the SavedModel does not reproduce the trained model")
         checked.append(name)
     return checked
+
+
+def export_checkpoint(
+    model,
+    source,
+    make_signatures: Callable[[], Mapping[str, Callable]],
+    export_dir: str,
+    *,
+    current_step: Optional[int],
+    sample=None,
+    verify: bool = True,
+    info: Optional[Mapping[str, Any]] = None,
+    config_yaml: Optional[str] = None,
+    reuse: bool = True,
+) -> str:
+    """Export the model weights of checkpoint ``source`` (a CheckpointInfo).
+
+    The live ``model`` is loaded with the checkpoint's weights (unless it already is at
+    ``current_step == source.step``), exported, optionally verified, and put back as it was.
+    With ``reuse``, an existing newest export of the same checkpoint is returned instead.
+    """
+    if reuse:
+        existing = versions(export_dir)
+        if existing:
+            newest = os.path.join(export_dir, str(existing[-1]))
+            done = read_export_info(newest)
+            if done and done.get("step") == source.step and \
+                    done.get("checkpoint") == os.path.basename(source.path):
+                log.info("export of step %d already at %s", source.step, newest)
+                return newest
+    snapshot = [v.numpy() for v in model.variables]
+    try:
+        if source.step != current_step:
+            status = tf.train.Checkpoint(model=model).read(source.path)
+            status.assert_existing_objects_matched()
+            status.expect_partial()
+        signatures = named_signatures(make_signatures())
+        record = {"step": source.step, "checkpoint": os.path.basename(source.path),
+                  "metrics": source.metrics, "exported_at": time.time(), **dict(info or {})}
+        path = export_saved_model(model, signatures, export_dir, info=record, config_yaml=config_yaml)
+        if verify and sample is not None:
+            checked = verify_export(path, signatures, sample)
+            log.info("export check passed for %s: %s", path,
+                     ", ".join(checked) or "no signature fits the sample batch")
+    finally:
+        for v, value in zip(model.variables, snapshot):
+            v.assign(value)
+    return path

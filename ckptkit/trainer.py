@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 import tensorflow as tf
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
@@ -39,6 +39,7 @@ from ckptkit.policies import (
     SaveOnNewBest,
     is_better,
 )
+from ckptkit.runinfo import write_run_record
 from ckptkit.summaries import SummaryWriters
 from ckptkit.transfer import RestoreReport, restore_partial, unreachable_variables
 
@@ -265,6 +266,7 @@ class Trainer:
         s = self.settings
         t, c = s.trainer, s.checkpoint
         ckpt = self.checkpointer
+        write_run_record(self.run_dir, type(self), self.cfg)
         resumed_from, report = self._resume_or_warm_start()
         ckpt = self.checkpointer
         eval_ds = self.eval_dataset()
@@ -325,14 +327,18 @@ class Trainer:
                 ctx = SaveContext(step=step, now=self.clock(), last_save_step=last_save_step,
                                   last_save_time=last_save_time, new_best=new_best, final=final)
                 if policy.should_save(ctx):
-                    ckpt.save(step, metrics=step_eval)
+                    path = ckpt.save(step, metrics=step_eval)
                     last_save_step, last_save_time = step, ctx.now
+                    if new_best and s.export.enabled and s.export.on_best:
+                        self._export_new_best(step, path, step_eval)
             if step > start_step and last_save_step != step:
                 ckpt.save(step, metrics=eval_metrics or None)
         finally:
             ckpt.wait()
             self._summaries.flush()
-        export_path = self._export() if s.export.enabled else None
+        export_path = self.export() if s.export.enabled else None
+        if export_path and s.export.max_to_keep:
+            export_lib.prune_versions(s.export.dir, s.export.max_to_keep)
         self._summaries.close()
         best = ckpt.best
         return FitResult(
@@ -349,47 +355,42 @@ class Trainer:
 
     # --- export --------------------------------------------------------------------------
 
-    def _export_source(self) -> Optional[CheckpointInfo]:
-        ckpt = self.checkpointer
-        if self.settings.export.from_ == "best" and ckpt.best is not None:
-            return ckpt.best
-        return ckpt.latest
-
     def _sample_features(self):
         ds = self.eval_dataset() or self._train_ds
         return _features(next(iter(ds)))
 
-    def _export(self) -> Optional[str]:
+    def export(self, from_: Optional[str] = None, to: Optional[str] = None,
+               source: Optional[CheckpointInfo] = None) -> Optional[str]:
+        """Export a checkpoint of this run as a SavedModel; return the version directory.
+
+        ``from_`` is ``best`` or ``last`` (default ``export.from``; ``best`` falls back to the
+        last checkpoint when there is no best), ``to`` the export directory (default
+        ``export.dir``). Works on a finished run without training: ``ckptkit export`` calls it.
+        """
+        self.build()
         e = self.settings.export
-        source = self._export_source()
+        ckpt = self.checkpointer
         if source is None:
-            log.warning("no checkpoint to export from; skipping the export")
+            from_ = from_ or e.from_
+            source = ckpt.best if from_ == "best" and ckpt.best is not None else ckpt.latest
+        if source is None:
+            log.warning("no checkpoint in %s to export from; skipping the export", ckpt.directory)
             return None
-        existing = export_lib.versions(e.dir)
-        if existing:
-            newest = os.path.join(e.dir, str(existing[-1]))
-            info = export_lib.read_export_info(newest)
-            if info and info.get("step") == source.step and info.get("checkpoint") == os.path.basename(source.path):
-                log.info("export of step %d already at %s", source.step, newest)
-                return newest
-        snapshot = [v.numpy() for v in self.model.variables]
-        try:
-            if source.step != int(self.global_step.numpy()):
-                status = tf.train.Checkpoint(model=self.model).read(source.path)
-                status.assert_existing_objects_matched()
-                status.expect_partial()
-            signatures = self.serving_signatures()
-            info = {"step": source.step, "checkpoint": os.path.basename(source.path),
-                    "metrics": source.metrics, "run_dir": self.run_dir,
-                    "name": self.settings.name, "exported_at": time.time()}
-            path = export_lib.export_saved_model(self.model, signatures, e.dir, info=info)
-            if e.verify:
-                checked = export_lib.verify_export(path, signatures, self._sample_features())
-                log.info("export check passed for %s: %s", path, ", ".join(checked) or "no signature fit the sample")
-        finally:
-            for v, value in zip(self.model.variables, snapshot):
-                v.assign(value)
-        return path
+        return export_lib.export_checkpoint(
+            self.model, source, self.serving_signatures, to or e.dir,
+            current_step=int(self.global_step.numpy()),
+            sample=self._sample_features() if e.verify else None,
+            verify=e.verify,
+            info={"run_dir": self.run_dir, "name": self.settings.name},
+            config_yaml=OmegaConf.to_yaml(self.cfg),
+        )
+
+    def _export_new_best(self, step: int, path: str, metrics: Mapping[str, float]) -> None:
+        e = self.settings.export
+        info = CheckpointInfo(step=step, path=path, time=time.time(), metrics=dict(metrics))
+        self.export(source=info)
+        if e.max_to_keep:
+            export_lib.prune_versions(e.dir, e.max_to_keep)
 
 
 def _fmt(metrics: Mapping[str, float]) -> str:

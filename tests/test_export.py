@@ -113,3 +113,112 @@ def test_export_from_best_holds_every_layer_of_the_best_step(toy_cfg):
         stale = tf.train.load_checkpoint(last).get_tensor(checkpoint_variable_paths(last)[path])
         assert not np.array_equal(want, stale)
         assert sum(np.array_equal(want, got) for got in exported) == 1, path
+
+
+TWO_SIGNATURES = """
+import sys, numpy as np, tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+x = tf.constant(np.load(sys.argv[2]))
+a = loaded.signatures["serving_default"](features=x)
+b = loaded.signatures["top_class"](features=x)
+np.savez(sys.argv[3], logits=a["logits"].numpy(), top=b["output"].numpy())
+"""
+
+
+class TwoSignatures(ToyTrainer):
+    def serving_signatures(self):
+        spec = [tf.TensorSpec([None, 4], tf.float32, name="features")]
+
+        @tf.function(input_signature=spec)
+        def serve(features):
+            return {"logits": self.model(features)}
+
+        @tf.function(input_signature=spec)
+        def top_class(features):  # a bare tensor: served under the name "output"
+            return tf.argmax(self.model(features), axis=-1)
+
+        return {"serving_default": serve, "top_class": top_class}
+
+
+@pytest.mark.slow
+def test_named_signatures_in_a_fresh_process(toy_cfg, tmp_path):
+    trainer = TwoSignatures(toy_cfg(**{"export.enabled": True, "export.from": "last"}))
+    result = trainer.fit()
+    x, _ = toy_data(n=6, seed=2)
+    np.save(tmp_path / "x.npy", x)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    subprocess.run([sys.executable, "-c", TWO_SIGNATURES, result.export_path, str(tmp_path / "x.npy"),
+                    str(tmp_path / "out.npz")], check=True, env=env, timeout=300)
+    got = np.load(tmp_path / "out.npz")
+    want = trainer.model(tf.constant(x)).numpy()
+    np.testing.assert_allclose(got["logits"], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got["top"], want.argmax(-1))
+    config = open(os.path.join(result.export_path, "assets.extra", "config.yaml")).read()
+    assert "max_steps: 20" in config
+
+
+def test_cli_export_of_a_finished_run_from_another_directory(tmp_path, monkeypatch, capsys):
+    from ckptkit import cli
+
+    from conftest import make_cfg
+
+    cfg = make_cfg("relative/run", **{
+        "trainer.max_steps": 10, "trainer.eval_every_steps": 5, "checkpoint.save_every_steps": 5,
+        "checkpoint.best.metric": "score", "checkpoint.best.mode": "max", "data.score_peak": 5})
+    monkeypatch.chdir(tmp_path)
+    ToyTrainer(cfg).fit()  # no export during training (export.enabled=false)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["export", str(tmp_path / "relative" / "run")]) == 0
+    best_path = capsys.readouterr().out.strip()
+    assert best_path == str(tmp_path / "relative" / "run" / "export" / "1")
+    assert export_lib.read_export_info(best_path)["step"] == 5
+    assert cli.main(["export", str(tmp_path / "relative" / "run"), "--from", "last", "--to", "out"]) == 0
+    last_path = capsys.readouterr().out.strip()
+    assert last_path == str(elsewhere / "out" / "1")
+    assert export_lib.read_export_info(last_path)["step"] == 10
+    assert cli.main(["verify", last_path]) == 0
+    assert "signature 'serving_default'" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_killed_export_leaves_no_version_behind(toy_cfg, tmp_path):
+    import signal
+    import time
+
+    cfg = toy_cfg(**{"trainer.max_steps": 5})
+    ToyTrainer(cfg).fit()
+    run_dir = cfg["run_dir"]
+    export_dir = os.path.join(run_dir, "export")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "-m", "ckptkit.cli", "export", run_dir], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(export_dir) and any(n.startswith(".tmp-") for n in os.listdir(export_dir)):
+            break
+        time.sleep(0.002)
+    assert proc.poll() is None, "the export finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert export_lib.versions(export_dir) == []
+    assert [n for n in os.listdir(export_dir) if n.isdigit()] == []
+    result = ToyTrainer(dict(cfg, export={"enabled": True})).fit()
+    assert result.export_path == os.path.join(export_dir, "1")
+    assert sorted(os.listdir(export_dir)) == ["1"]  # the killed export's temporary is gone
+    tf.saved_model.load(result.export_path)
+
+
+def test_export_on_every_new_best_keeps_the_newest_versions(toy_cfg):
+    cfg = toy_cfg(**{
+        "trainer.max_steps": 30, "trainer.eval_every_steps": 5, "checkpoint.save_every_steps": 5,
+        "checkpoint.best.metric": "score", "checkpoint.best.mode": "max", "data.score_peak": 20,
+        "export.enabled": True, "export.on_best": True, "export.max_to_keep": 2,
+    })
+    result = ToyTrainer(cfg).fit()
+    export_dir = os.path.join(cfg["run_dir"], "export")
+    # New bests at 5, 10, 15, 20 exported as versions 1-4; the final export is step 20's again.
+    assert export_lib.versions(export_dir) == [3, 4]
+    assert export_lib.read_export_info(os.path.join(export_dir, "4"))["step"] == 20
+    assert result.export_path == os.path.join(export_dir, "4")

@@ -1,0 +1,84 @@
+"""The run record: which trainer class ran a run, with which config.
+
+``run_dir/ckptkit_run.yaml`` is written when ``fit()`` starts. ``ckptkit export RUN_DIR``
+rebuilds the trainer from it, without retraining. The trainer class is imported from the
+module or file named in this record, the run's own file; nothing else read from a run or
+checkpoint directory is ever imported or executed (no pickle, no ``_target_``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import tensorflow as tf
+from omegaconf import DictConfig, OmegaConf
+
+from ckptkit.errors import CkptkitError
+from ckptkit.metadata import atomic_write_text
+
+RUN_FILE = "ckptkit_run.yaml"
+
+
+def trainer_location(cls) -> dict:
+    """How to import ``cls`` again: its module, and its file when the module is __main__."""
+    module = sys.modules.get(cls.__module__)
+    where = {"module": cls.__module__, "qualname": cls.__qualname__}
+    path = getattr(module, "__file__", None)
+    if path:
+        where["file"] = os.path.abspath(path)
+    return where
+
+
+def write_run_record(run_dir: str, cls, cfg: DictConfig) -> str:
+    record = {
+        "trainer": trainer_location(cls),
+        "cwd": os.getcwd(),
+        "written": time.time(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    tf.io.gfile.makedirs(run_dir)
+    path = os.path.join(run_dir, RUN_FILE)
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(record)))
+    return path
+
+
+def read_run_record(run_dir: str) -> Mapping[str, Any]:
+    path = os.path.join(run_dir, RUN_FILE)
+    if not tf.io.gfile.exists(path):
+        raise CkptkitError(f"{run_dir} has no {RUN_FILE}: it is not a ckptkit run directory "
+                           "(or it was trained by a ckptkit older than 0.1)")
+    with tf.io.gfile.GFile(path) as f:
+        return OmegaConf.to_container(OmegaConf.create(f.read()))
+
+
+def import_trainer_class(where: Mapping[str, str]):
+    """Import the trainer class named in a run record."""
+    module_name, qualname = where.get("module"), where.get("qualname", "")
+    module = None
+    if module_name and module_name != "__main__":
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            module = None
+    if module is None and where.get("file"):
+        path = where["file"]
+        if not os.path.exists(path):
+            raise CkptkitError(f"the trainer's file {path} (from the run record) does not exist")
+        sys.path.insert(0, os.path.dirname(path))
+        spec = importlib.util.spec_from_file_location(f"ckptkit_run_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    if module is None:
+        raise CkptkitError(f"cannot import the trainer's module {module_name!r}")
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise CkptkitError(f"{module_name} has no trainer class {qualname!r}")
+    return obj
