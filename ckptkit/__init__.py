@@ -6,11 +6,13 @@ from ckptkit.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CheckpointSaveError,
+    CheckpointUnreadableError,
     CkptkitError,
     ConfigError,
     ExportError,
 )
 from ckptkit.policies import CheckpointInfo
+from ckptkit.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
 from ckptkit.trainer import FitResult, Trainer
 from ckptkit.transfer import RestoreReport, restore_partial
 
@@ -24,9 +26,13 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
+    "CheckpointUnreadableError",
     "CkptkitError",
     "ConfigError",
+    "EXIT_INTERRUPTED",
+    "EXIT_PREEMPTED",
     "ExportError",
+    "Preempted",
     "FitResult",
     "RestoreReport",
     "Trainer",

@@ -30,7 +30,12 @@ import tensorflow as tf
 from ckptkit import metadata
 from ckptkit._compat import patch_keras_async_checkpoint, patch_keras_checkpoint_children
 from ckptkit.iterator_state import IteratorCheckpoint, is_dataset_iterator
-from ckptkit.errors import CheckpointMismatchError, CheckpointNotFoundError, CheckpointSaveError
+from ckptkit.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+    CheckpointUnreadableError,
+)
 from ckptkit.policies import (
     CheckpointInfo,
     KeepAny,
@@ -104,6 +109,14 @@ class Checkpointer:
         self._records: Dict[int, CheckpointInfo] = {
             c.step: c for c in metadata.scan(self.directory)
         }
+        state_file = os.path.join(self.directory, metadata.STATE_FILE)
+        if tf.io.gfile.exists(state_file):
+            try:
+                tf.train.get_checkpoint_state(self.directory)
+            except Exception as exc:  # noqa: BLE001 - any parse error: report, then rewrite
+                log.warning("ignoring unreadable checkpoint state file %s (%s); ckptkit finds "
+                            "checkpoints by their files, and rewrites it at the next save",
+                            state_file, str(exc).splitlines()[0][:200])
         self._pending: Optional[CheckpointInfo] = None  # written in the background, not yet recorded
         self._background_error: Optional[BaseException] = None
 
@@ -269,7 +282,11 @@ class Checkpointer:
                 f"checkpoint {path} does not match the objects it is restored into: "
                 f"{str(exc).splitlines()[0]}; was it written by another model or config?"
             ) from exc
-        except (tf.errors.OpError, ValueError) as exc:
+        except (tf.errors.OpError, IndexError) as exc:  # IndexError: a truncated data file
+            message = getattr(exc, "message", None) or str(exc)
+            raise CheckpointUnreadableError(
+                f"checkpoint {path} is unreadable ({message.splitlines()[0]})") from exc
+        except ValueError as exc:
             raise CheckpointMismatchError(f"cannot restore checkpoint {path}: {exc}") from exc
         status.expect_partial()
         step = metadata.step_of(path)

@@ -25,6 +25,10 @@ class CheckpointNotFoundError(CkptkitError, FileNotFoundError):
     """A checkpoint that was asked for does not exist or cannot be read."""
 
 
+class CheckpointUnreadableError(CkptkitError, OSError):
+    """A checkpoint's files are truncated, missing or corrupt."""
+
+
 class CheckpointMismatchError(CkptkitError, ValueError):
     """A checkpoint does not fit the objects it is restored into."""
 

@@ -29,17 +29,26 @@ def _check_metrics(out, hook: str) -> Dict[str, tf.Tensor]:
     return metrics
 
 
-def make_train_loop(train_step: Callable, global_step: tf.Variable) -> Callable:
-    """A ``tf.function(iterator, num_steps)`` running ``num_steps >= 1`` steps."""
+def make_train_loop(train_step: Callable, global_step: tf.Variable,
+                    stop: Optional[tf.Variable] = None) -> Callable:
+    """A ``tf.function(iterator, num_steps)`` running ``num_steps >= 1`` steps.
+
+    If ``stop`` (a bool variable, set from another thread on preemption) becomes true, the
+    loop ends after the step in progress; ``global_step`` tells how many steps ran.
+    """
 
     def loop(iterator, num_steps):
         totals = _check_metrics(train_step(next(iterator)), "train_step")
         global_step.assign_add(1)
+        done = tf.constant(1)
         for _ in tf.range(num_steps - 1):
+            if stop is not None and stop.read_value():
+                break
             out = _check_metrics(train_step(next(iterator)), "train_step")
             global_step.assign_add(1)
             totals = {k: totals[k] + out[k] for k in totals}
-        n = tf.cast(num_steps, tf.float32)
+            done += 1
+        n = tf.cast(done, tf.float32)
         return {k: v / n for k, v in totals.items()}
 
     return tf.function(loop)

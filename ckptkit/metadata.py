@@ -102,8 +102,10 @@ def scan(directory: str) -> List[CheckpointInfo]:
     if not tf.io.gfile.isdir(directory):
         return []
     meta = read_metadata(directory)
+    names = [n.rstrip("/") for n in tf.io.gfile.listdir(directory)]
+    _report_incomplete(directory, names)
     found = []
-    for name in tf.io.gfile.listdir(directory):
+    for name in names:
         m = _INDEX_RE.match(name)
         if not m:
             continue
@@ -124,6 +126,21 @@ def scan(directory: str) -> List[CheckpointInfo]:
             blocking_seconds=entry.get("blocking_seconds"),
         ))
     return sorted(found, key=lambda c: c.step)
+
+
+_DATA_RE = re.compile(rf"^{PREFIX}-(\d+)\.data-\d{{5}}-of-\d{{5}}$")
+_TEMP_RE = re.compile(rf"^{PREFIX}-(\d+)_temp$")
+
+
+def _report_incomplete(directory: str, names: Sequence[str]) -> None:
+    """Warn about the remains of saves that never completed (a crash mid-write)."""
+    indexed = {int(m.group(1)) for m in map(_INDEX_RE.match, names) if m}
+    orphans = sorted({n for n in names
+                      if (_DATA_RE.match(n) and int(_DATA_RE.match(n).group(1)) not in indexed)
+                      or _TEMP_RE.match(n)})
+    if orphans:
+        log.warning("ignoring incomplete checkpoint files in %s (a save that did not finish; "
+                    "no .index): %s", directory, ", ".join(orphans))
 
 
 def write_metadata(directory: str, checkpoints: Sequence[CheckpointInfo], *,

@@ -27,7 +27,7 @@ from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
 from ckptkit.config import RunConfig, load_config
-from ckptkit.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, ExportError
+from ckptkit.errors import CheckpointMismatchError, ConfigError, ExportError
 from ckptkit.policies import (
     AnySave,
     CheckpointInfo,
@@ -37,9 +37,13 @@ from ckptkit.policies import (
     SaveEveryNSeconds,
     SaveEveryNSteps,
     SaveOnNewBest,
+    SaveOnPreemption,
     is_better,
 )
-from ckptkit.runinfo import write_run_record
+from ckptkit.preemption import Preempted, PreemptionWatch
+from ckptkit.resume import config_changes, format_changes, require_checkpoint, restore_newest_readable
+from ckptkit.runinfo import RUN_FILE, read_run_record, write_run_record
+from ckptkit.state import TrainState
 from ckptkit.summaries import SummaryWriters
 from ckptkit.transfer import RestoreReport, restore_partial, unreachable_variables
 
@@ -58,6 +62,7 @@ class FitResult:
     export_path: Optional[str] = None
     resumed_from: Optional[int] = None
     steps_run: int = 0
+    elapsed_seconds: float = 0.0  # training time over all launches of the run
     warm_start: Optional[RestoreReport] = field(default=None, compare=False)
 
 
@@ -76,6 +81,7 @@ def _ensure_logging() -> None:
         handler.setFormatter(logging.Formatter("[%(asctime)s][ckptkit] %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        log.propagate = False  # a root handler added later (basicConfig) must not double lines
 
 
 def _features(batch):
@@ -98,6 +104,9 @@ class Trainer:
         self.global_step: Optional[tf.Variable] = None
         self.strategy: Optional[tf.distribute.Strategy] = None
         self.checkpointer: Optional[Checkpointer] = None
+        self.rng: Optional[tf.random.Generator] = None
+        self.train_state: Optional[TrainState] = None
+        self._watch: Optional[PreemptionWatch] = None
         self._train_ds: Optional[tf.data.Dataset] = None
         self._iterator = None
         self._train_fn: Optional[Callable] = None
@@ -168,9 +177,12 @@ class Trainer:
             tf.config.experimental.enable_op_determinism()
         self.strategy = tf.distribute.get_strategy()
         with self.strategy.scope():
+            self.train_state = TrainState(s.trainer.seed)
+            self.rng = self.train_state.rng
+            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.model = self.build_model()
             self.optimizer = self.build_optimizer()
-            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self._watch = PreemptionWatch()
         ds = self.train_dataset()
         if not isinstance(ds, tf.data.Dataset):
             raise TypeError(f"train_dataset() must return a tf.data.Dataset, got {type(ds).__name__}")
@@ -191,8 +203,9 @@ class Trainer:
             optimizer=self.optimizer,
             global_step=self.global_step,
             data=self._iterator,
+            train_state=self.train_state,
         )
-        self._train_fn = loop_lib.make_train_loop(self.train_step, self.global_step)
+        self._train_fn = loop_lib.make_train_loop(self.train_step, self.global_step, self._watch.flag)
         self._train_fn.get_concrete_function(self._iterator, tf.TensorSpec([], tf.int32))
         hidden = unreachable_variables(self.model)
         if hidden:
@@ -204,7 +217,7 @@ class Trainer:
 
     def _save_policy(self) -> AnySave:
         c = self.settings.checkpoint
-        policies = [SaveOnNewBest(), SaveAtEnd()]
+        policies = [SaveOnNewBest(), SaveAtEnd(), SaveOnPreemption()]
         if c.save_every_steps:
             policies.append(SaveEveryNSteps(c.save_every_steps))
         if c.save_every_seconds:
@@ -213,27 +226,38 @@ class Trainer:
             policies.append(SaveAtSteps(frozenset(int(s) for s in c.save_at_steps)))
         return AnySave(tuple(policies))
 
+    def _config_changes(self):
+        """Differences between the config this run was started with and the current one."""
+        try:
+            old = read_run_record(self.run_dir).get("config")
+        except Exception as exc:  # noqa: BLE001 - a missing or bad record only loses the diff
+            log.warning("cannot compare with the run's previous config (%s)", exc)
+            return []
+        changes = config_changes(old or {}, OmegaConf.to_container(self.cfg, resolve=True))
+        if changes:
+            log.warning("config changed since the run's last launch (%s): %s",
+                        os.path.join(self.run_dir, RUN_FILE), format_changes(changes))
+        return changes
+
     def _resume_or_warm_start(self) -> tuple[Optional[int], Optional[RestoreReport]]:
         c = self.settings.checkpoint
-        ckpt = self.checkpointer
-        if c.resume == "never" and ckpt.checkpoints:
+        if c.resume == "never" and self.checkpointer.checkpoints:
             moved = f"{c.dir.rstrip('/')}-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}"
             tf.io.gfile.rename(c.dir, moved)
             log.warning("checkpoint.resume=never: moved the existing checkpoints aside to %s "
                         "(nothing deleted); starting fresh", moved)
             self.checkpointer = None
             self.build()
-            ckpt = self.checkpointer
+        ckpt = self.checkpointer
         if ckpt.checkpoints and c.resume != "never":
-            latest = ckpt.latest
-            step = ckpt.restore(latest.path, assert_consumed=True)
-            log.info("resumed from %s at step %d", latest.path, int(self.global_step.numpy()))
+            changes = self._config_changes()
+            info = restore_newest_readable(ckpt, changes)
+            log.info("resumed from %s at step %d", info.path, int(self.global_step.numpy()))
             if c.init_from.path:
                 log.info("checkpoint.init_from.path ignored: the run resumes from its own checkpoint")
-            return step, None
+            return info.step, None
         if c.resume == "must":
-            raise CheckpointNotFoundError(
-                f"checkpoint.resume=must but {c.dir} holds no checkpoint to resume from")
+            raise require_checkpoint(c.dir)
         if c.init_from.path:
             f = c.init_from
             report = restore_partial(self.model, f.path, include=f.include, exclude=f.exclude,
@@ -260,98 +284,121 @@ class Trainer:
         return metrics
 
     def fit(self) -> FitResult:
-        """Train to ``trainer.max_steps`` (resuming if possible), then export."""
+        """Train to ``trainer.max_steps`` (resuming if possible), then export.
+
+        On SIGTERM, SIGINT or SIGUSR1 it saves at the step reached and raises
+        :class:`~ckptkit.Preempted` (a SystemExit with code 75).
+        """
         _ensure_logging()
         self.build()
         s = self.settings
-        t, c = s.trainer, s.checkpoint
-        ckpt = self.checkpointer
-        write_run_record(self.run_dir, type(self), self.cfg)
         resumed_from, report = self._resume_or_warm_start()
-        ckpt = self.checkpointer
+        write_run_record(self.run_dir, type(self), self.cfg)
         eval_ds = self.eval_dataset()
-        if c.best.metric and eval_ds is None:
+        if s.checkpoint.best.metric and eval_ds is None:
             raise ConfigError("checkpoint.best.metric",
-                              f"is {c.best.metric!r} but the trainer has no eval_dataset()")
+                              f"is {s.checkpoint.best.metric!r} but the trainer has no eval_dataset()")
         self._summaries = SummaryWriters(os.path.join(self.run_dir, "logs"))
-        policy = self._save_policy()
-        best = ckpt.best
-        best_value = None if best is None else float(best.metrics[c.best.metric])
-        best_step = None if best is None else best.step
-        step = int(self.global_step.numpy())
-        start_step = step
-        train_metrics: Dict[str, float] = {}
-        eval_metrics: Dict[str, float] = {}
-        last_save_step = ckpt.latest.step if ckpt.latest else None
-        last_save_time = self.clock()
-        if step >= t.max_steps:
+        start_step = int(self.global_step.numpy())
+        if start_step >= s.trainer.max_steps:
             log.info("run %s already finished: step %d of trainer.max_steps=%d, nothing to train",
-                     s.name or self.run_dir, step, t.max_steps)
+                     s.name or self.run_dir, start_step, s.trainer.max_steps)
         else:
-            log.info("training %s from step %d to %d", s.name or self.run_dir, step, t.max_steps)
-        loop_start, loop_start_step = time.time(), step
+            log.info("training %s from step %d to %d", s.name or self.run_dir, start_step,
+                     s.trainer.max_steps)
         try:
-            while step < t.max_steps:
-                n = self._next_boundary(step) - step
-                out = self._train_fn(self._iterator, tf.constant(n, tf.int32))
-                step = int(self.global_step.numpy())
-                train_metrics = loop_lib.to_python(out)
-                if not loop_lib.all_finite(train_metrics):
-                    raise FloatingPointError(
-                        f"non-finite train metrics at step {step}: {_fmt(train_metrics)}; "
-                        f"the last checkpoint ({ckpt.latest.path if ckpt.latest else 'none'}) "
-                        "is kept, nothing was saved after it")
-                final = step >= t.max_steps
-                if step % t.log_every_steps == 0 or final:
-                    rate = (step - loop_start_step) / max(time.time() - loop_start, 1e-9)
-                    self._summaries.scalars("train", step, {**train_metrics, "steps_per_sec": rate})
-                    log.info("step %d/%d  %s  (%.0f steps/s)", step, t.max_steps,
-                             _fmt(train_metrics), rate)
-                    loop_start, loop_start_step = time.time(), step
-                step_eval = None
-                if eval_ds is not None and ((t.eval_every_steps and step % t.eval_every_steps == 0)
-                                            or final):
-                    step_eval = eval_metrics = self._evaluate(eval_ds, step)
-                new_best = False
-                if step_eval is not None and c.best.metric:
-                    if c.best.metric not in step_eval:
-                        raise ConfigError(
-                            "checkpoint.best.metric",
-                            f"{c.best.metric!r} is not among the eval metrics "
-                            f"({', '.join(sorted(step_eval))})")
-                    value = step_eval[c.best.metric]
-                    if np.isfinite(value) and is_better(value, best_value, c.best.mode):
-                        log.info("new best %s=%.6g at step %d (was %s)", c.best.metric, value,
-                                 step, "none" if best_value is None else f"{best_value:.6g}")
-                        best_value, best_step, new_best = value, step, True
-                ctx = SaveContext(step=step, now=self.clock(), last_save_step=last_save_step,
-                                  last_save_time=last_save_time, new_best=new_best, final=final)
-                if policy.should_save(ctx):
-                    path = ckpt.save(step, metrics=step_eval)
-                    last_save_step, last_save_time = step, ctx.now
-                    if new_best and s.export.enabled and s.export.on_best:
-                        self._export_new_best(step, path, step_eval)
-            if step > start_step and last_save_step != step:
-                ckpt.save(step, metrics=eval_metrics or None)
+            with self._watch:
+                step, train_metrics, eval_metrics = self._train(eval_ds, start_step)
         finally:
-            ckpt.wait()
+            self.checkpointer.wait()
             self._summaries.flush()
+        if self._watch.requested:
+            self._summaries.close()
+            latest = self.checkpointer.latest
+            stop = Preempted(self._watch.signum, step, latest.path if latest else None)
+            log.warning("%s", stop)
+            raise stop
         export_path = self.export() if s.export.enabled else None
         if export_path and s.export.max_to_keep:
             export_lib.prune_versions(s.export.dir, s.export.max_to_keep)
         self._summaries.close()
-        best = ckpt.best
+        best = self.checkpointer.best
         return FitResult(
             step=step,
             metrics=dict(eval_metrics or train_metrics),
-            best_metric=None if best is None else float(best.metrics[c.best.metric]),
+            best_metric=None if best is None else float(best.metrics[s.checkpoint.best.metric]),
             best_step=None if best is None else best.step,
             best_checkpoint=None if best is None else best.path,
             export_path=export_path,
             resumed_from=resumed_from,
             steps_run=step - start_step,
+            elapsed_seconds=float(self.train_state.elapsed_seconds.numpy()),
             warm_start=report,
         )
+
+    def _check_new_best(self, step: int, step_eval: Optional[Dict[str, float]]) -> bool:
+        metric, mode = self.settings.checkpoint.best.metric, self.settings.checkpoint.best.mode
+        if step_eval is None or not metric:
+            return False
+        if metric not in step_eval:
+            raise ConfigError("checkpoint.best.metric",
+                              f"{metric!r} is not among the eval metrics ({', '.join(sorted(step_eval))})")
+        value = step_eval[metric]
+        best_value, _ = self.train_state.best()
+        if best_value is None and self.checkpointer.best is not None:  # checkpoints of ckptkit < 0.1
+            best_value = self.checkpointer.best_value()
+        if not np.isfinite(value) or not is_better(value, best_value, mode):
+            return False
+        log.info("new best %s=%.6g at step %d (was %s)", metric, value, step,
+                 "none" if best_value is None else f"{best_value:.6g}")
+        self.train_state.set_best(value, step)
+        return True
+
+    def _train(self, eval_ds, step: int):
+        """The outer loop; returns (step, last train metrics, last eval metrics)."""
+        s = self.settings
+        t, c = s.trainer, s.checkpoint
+        ckpt = self.checkpointer
+        policy = self._save_policy()
+        train_metrics: Dict[str, float] = {}
+        eval_metrics: Dict[str, float] = {}
+        start_step = step
+        last_save_step = ckpt.latest.step if ckpt.latest else None
+        last_save_time = self.clock()
+        log_start, log_start_step = time.time(), step
+        while step < t.max_steps and not self._watch.requested:
+            n = self._next_boundary(step) - step
+            began = time.time()
+            out = self._train_fn(self._iterator, tf.constant(n, tf.int32))
+            step = int(self.global_step.numpy())
+            self.train_state.add_time(time.time() - began)
+            train_metrics = loop_lib.to_python(out)
+            if not loop_lib.all_finite(train_metrics):
+                raise FloatingPointError(
+                    f"non-finite train metrics at step {step}: {_fmt(train_metrics)}; "
+                    f"the last checkpoint ({ckpt.latest.path if ckpt.latest else 'none'}) "
+                    "is kept, nothing was saved after it")
+            final = step >= t.max_steps
+            if step % t.log_every_steps == 0 or final:
+                rate = (step - log_start_step) / max(time.time() - log_start, 1e-9)
+                self._summaries.scalars("train", step, {**train_metrics, "steps_per_sec": rate})
+                log.info("step %d/%d  %s  (%.0f steps/s)", step, t.max_steps, _fmt(train_metrics), rate)
+                log_start, log_start_step = time.time(), step
+            step_eval = None
+            if eval_ds is not None and ((t.eval_every_steps and step % t.eval_every_steps == 0) or final):
+                step_eval = eval_metrics = self._evaluate(eval_ds, step)
+            new_best = self._check_new_best(step, step_eval)
+            ctx = SaveContext(step=step, now=self.clock(), last_save_step=last_save_step,
+                              last_save_time=last_save_time, new_best=new_best, final=final,
+                              preempted=self._watch.requested)
+            if policy.should_save(ctx):
+                path = ckpt.save(step, metrics=step_eval)
+                last_save_step, last_save_time = step, ctx.now
+                if new_best and s.export.enabled and s.export.on_best and not ctx.preempted:
+                    self._export_new_best(step, path, step_eval)
+        if step > start_step and last_save_step != step:
+            ckpt.save(step, metrics=eval_metrics or None)
+        return step, train_metrics, eval_metrics
 
     # --- export --------------------------------------------------------------------------
 

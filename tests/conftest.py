@@ -84,6 +84,8 @@ class ToyTrainer(ckptkit.Trainer):
 
     def train_step(self, batch):
         x, y = batch
+        if self.cfg.data.get("noise"):
+            x = x + self.rng.normal(tf.shape(x)) * self.cfg.data.noise
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True) if self.cfg.model.kind == "keras_list" else self.model(x)
             loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
@@ -112,7 +114,7 @@ def make_cfg(run_dir, **overrides):
         "export": {"enabled": False},
         "model": {"kind": "module", "hidden": 8, "classes": 3, "seed": 0},
         "optim": {"lr": 0.01},
-        "data": {"eval": True, "score_peak": None},
+        "data": {"eval": True, "score_peak": None, "noise": 0.0, "step_sleep": 0.0},
     }
     cfg = OmegaConf.create(base)
     for key, value in overrides.items():

@@ -1,0 +1,119 @@
+"""Preemption: SIGTERM, SIGINT and SIGUSR1 ask the run to save and exit.
+
+Python runs signal handlers only when the main thread is back in the interpreter, and the
+main thread spends most of its time inside one ``tf.function`` call running many steps.
+So the C-level handler's wakeup file descriptor (``signal.set_wakeup_fd``) is watched by a
+small thread that sets a ``tf.Variable`` flag at once; the compiled train loop reads that
+flag before every step and stops early. The trainer then saves a checkpoint at the step
+reached, waits until it is on disk and exits with :data:`EXIT_PREEMPTED`.
+
+A second SIGINT (Ctrl-C twice) exits at once with code 130; the checkpoint directory stays
+consistent, since nothing points at a checkpoint before its files are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Dict, Optional
+
+import tensorflow as tf
+
+log = logging.getLogger("ckptkit")
+
+#: Exit code after a signal-triggered save: "temporary failure, run again" (BSD EX_TEMPFAIL).
+EXIT_PREEMPTED = 75
+#: Exit code of a second Ctrl-C, which does not wait for a save.
+EXIT_INTERRUPTED = 130
+
+SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None),
+                            getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+class Preempted(SystemExit):
+    """Raised by ``fit()`` after a signal-triggered save; exits the process with code 75."""
+
+    def __init__(self, signum: int, step: int, path: Optional[str]):
+        super().__init__(EXIT_PREEMPTED)
+        self.signum, self.step, self.path = signum, step, path
+
+    def __str__(self) -> str:
+        return (f"stopped by {signal.Signals(self.signum).name} at step {self.step}; "
+                f"saved {self.path}; run the same command again to continue")
+
+
+class PreemptionWatch:
+    """While active (a context manager, main thread only), turns signals into ``flag``."""
+
+    def __init__(self):
+        self.flag = tf.Variable(False, trainable=False, name="ckptkit_stop_requested")
+        self.signum: Optional[int] = None
+        self._old_handlers: Dict[int, object] = {}
+        self._old_wakeup = -1
+        self._pipe = None
+        self._thread: Optional[threading.Thread] = None
+        self._sigints = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _on_signal(self, signum, _frame) -> None:
+        # The watcher thread already saw this signal through the wakeup fd; this Python-level
+        # handler only replaces the default action (KeyboardInterrupt, termination).
+        if self._thread is None or not self._thread.is_alive():
+            self._note(signum)
+
+    def _note(self, signum: int) -> None:
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints >= 2:
+                log.error("second Ctrl-C: exiting now without saving")
+                os._exit(EXIT_INTERRUPTED)
+        if self.signum is None:
+            self.signum = signum
+            log.warning("%s received: saving a checkpoint at the end of the current step, "
+                        "then exiting with code %d", signal.Signals(signum).name, EXIT_PREEMPTED)
+        self.flag.assign(True)
+
+    def _watch(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 16)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in SIGNALS:
+                    self._note(signum)
+
+    def __enter__(self) -> "PreemptionWatch":
+        self.flag.assign(False)
+        self.signum, self._sigints = None, 0
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals can only be handled from the main thread
+        for s in SIGNALS:
+            self._old_handlers[s] = signal.signal(s, self._on_signal)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._pipe = (r, w)
+        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, args=(r,), daemon=True,
+                                        name="ckptkit-preemption-watch")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pipe is None:
+            return
+        signal.set_wakeup_fd(self._old_wakeup)
+        for s, handler in self._old_handlers.items():
+            signal.signal(s, handler)
+        r, w = self._pipe
+        os.close(w)  # the watcher's read returns b"" and it ends
+        self._thread.join(timeout=5)
+        os.close(r)
+        self._pipe = None

@@ -1,0 +1,81 @@
+"""Resuming a run: the newest readable checkpoint, and what changed in the config.
+
+Resume restores the newest checkpoint; if its files are unreadable (truncated, missing a
+shard, corrupt), it says so, naming the file, and falls back to the next older one.
+Before restoring, the config the run was started with (``ckptkit_run.yaml``) is compared
+with the new one; the differences are logged, and if the checkpoint no longer fits the
+model (a shape changed), the error names the config keys that changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from ckptkit.checkpointer import Checkpointer
+from ckptkit.errors import CheckpointMismatchError, CheckpointNotFoundError, CheckpointUnreadableError
+from ckptkit.policies import CheckpointInfo
+
+log = logging.getLogger("ckptkit")
+
+Change = Tuple[str, Any, Any]
+_MISSING = "<absent>"
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: Dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(old: Mapping, new: Mapping) -> List[Change]:
+    """(dotted key, old value, new value) for every leaf that differs, sorted by key."""
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k, _MISSING), b.get(k, _MISSING))
+            for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+
+
+def format_changes(changes: List[Change]) -> str:
+    return "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes)
+
+
+def restore_newest_readable(checkpointer: Checkpointer,
+                            changes: Optional[List[Change]] = None) -> Optional[CheckpointInfo]:
+    """Restore the newest checkpoint that can be read; None if there is no checkpoint.
+
+    Raises CheckpointUnreadableError when checkpoints exist but none can be read, and
+    CheckpointMismatchError (naming ``changes``) when one is readable but does not fit.
+    """
+    candidates = list(reversed(checkpointer.checkpoints))
+    failures = []
+    for info in candidates:
+        try:
+            checkpointer.restore(info.path, assert_consumed=True)
+        except CheckpointUnreadableError as exc:
+            failures.append(str(exc))
+            log.warning("%s; falling back to an older checkpoint", exc)
+            continue
+        except CheckpointMismatchError as exc:
+            hint = (f" The config changed since this run's checkpoints were written: "
+                    f"{format_changes(changes)}." if changes else "")
+            raise CheckpointMismatchError(
+                f"{exc}.{hint} To start over in this run directory, set "
+                "checkpoint.resume=never (the old checkpoints are moved aside, never deleted).") from exc
+        if failures:
+            log.warning("resumed from %s, the newest readable checkpoint (%d newer one(s) "
+                        "unreadable)", info.path, len(failures))
+        return info
+    if failures:
+        raise CheckpointUnreadableError(
+            f"none of the {len(failures)} checkpoint(s) in {checkpointer.directory} can be read: "
+            + " | ".join(failures) + ". Set checkpoint.resume=never to start over (they are "
+            "moved aside, not deleted).")
+    return None
+
+
+def require_checkpoint(directory: str) -> CheckpointNotFoundError:
+    return CheckpointNotFoundError(
+        f"checkpoint.resume=must but {directory} holds no checkpoint to resume from")

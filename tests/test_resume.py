@@ -1,0 +1,234 @@
+"""Exact resume and preemption, in real subprocesses with real signals."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import ckptkit
+from ckptkit import metadata
+
+from conftest import ToyTrainer, make_cfg
+
+TOY_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_run.py")
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def run(run_dir, *overrides, timeout=300):
+    proc = subprocess.run([sys.executable, TOY_RUN, str(run_dir), *overrides], env=ENV, timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc.returncode, proc.stdout
+
+
+def result_of(output):
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    assert lines, output[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def start(run_dir, *overrides):
+    return subprocess.Popen([sys.executable, TOY_RUN, str(run_dir), *overrides], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+
+def wait_for_line(proc, needle, timeout=120):
+    """Read the process's output until a line contains ``needle``; return all lines read."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} never appeared:\n" + "".join(lines[-50:]))
+
+
+DETERMINISTIC = ["trainer.deterministic=true", "model.kind=keras_list", "data.noise=0.05",
+                 "trainer.eval_every_steps=null", "trainer.steps_per_loop=4", "checkpoint.save_every_steps=3"]
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_runs_end_bit_identical(tmp_path):
+    """Stops at steps 5 (mid-epoch: 6 batches an epoch), 13 and 22 of 30, with a shuffled
+    dataset, Dropout and the trainer's random generator in use."""
+    code, out = run(tmp_path / "straight", "trainer.max_steps=30", *DETERMINISTIC)
+    assert code == 0, out[-3000:]
+    straight = result_of(out)
+    for stop in (5, 13, 22, 30):
+        code, out = run(tmp_path / "pieces", f"trainer.max_steps={stop}", *DETERMINISTIC)
+        assert code == 0, out[-3000:]
+    pieces = result_of(out)
+    assert pieces["resumed_from"] == 22 and pieces["step"] == 30
+    assert pieces["model"] == straight["model"]
+    assert pieces["optimizer"] == straight["optimizer"]
+
+
+SLOW = ["trainer.max_steps=100000", "trainer.steps_per_loop=1000", "trainer.log_every_steps=1000",
+        "trainer.eval_every_steps=null", "checkpoint.save_every_steps=null", "data.step_sleep=0.005"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_signal_saves_at_the_step_reached_and_resume_loses_nothing(tmp_path, signum):
+    proc = start(tmp_path, *SLOW)
+    wait_for_line(proc, "training toy from step 0")
+    time.sleep(1.5)
+    sent = time.time()
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=60)
+    assert time.time() - sent < 20, "a 1000-step loop must not delay the save"
+    assert proc.returncode == ckptkit.EXIT_PREEMPTED, out[-3000:]
+    stopped = [line for line in out.splitlines() if "stopped by" in line]
+    assert stopped and signal.Signals(signum).name in stopped[0]
+    step = int(stopped[0].split(" at step ")[1].split(";")[0])
+    assert 0 < step < 1000  # the loop was cut short, not run to its end
+    assert [c.step for c in metadata.scan(str(tmp_path / "checkpoints"))] == [step]
+    code, out = run(tmp_path, *[o.replace("100000", str(step + 7)) for o in SLOW])
+    assert code == 0, out[-3000:]
+    resumed = result_of(out)
+    assert resumed["resumed_from"] == step and resumed["steps_run"] == 7
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    slow_steps = [o.replace("0.005", "0.5") for o in SLOW]  # a step takes half a second
+    proc = start(tmp_path, *slow_steps)
+    wait_for_line(proc, "training toy from step 0")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    wait_for_line(proc, "SIGINT received")
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)  # while the step in progress still runs
+    proc.communicate(timeout=60)
+    assert proc.returncode == ckptkit.EXIT_INTERRUPTED
+    assert time.time() - sent < 0.45
+    code, out = run(tmp_path, *[o.replace("100000", "20") for o in SLOW])  # still resumable
+    assert code == 0, out[-3000:]
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_instants_always_resumes(tmp_path):
+    """20 SIGKILLs at random instants of a run that saves every 4 steps: each relaunch
+    resumes from the newest checkpoint that was complete, losing at most one save period,
+    and the run then finishes with exactly the weights of an uninterrupted run."""
+    rng = random.Random(1234)
+    common = ["trainer.max_steps=3000", "trainer.steps_per_loop=2", "trainer.log_every_steps=2",
+              "trainer.eval_every_steps=null", "checkpoint.save_every_steps=4",
+              "checkpoint.max_to_keep=2", "data.step_sleep=0.004", "trainer.deterministic=true"]
+    code, out = run(tmp_path / "straight", *common)
+    assert code == 0, out[-3000:]
+    straight = result_of(out)
+    run_dir = tmp_path / "killed"
+    kills = 0
+    while kills < 20:
+        proc = start(run_dir, *common)
+        lines = wait_for_line(proc, "training toy from step")
+        began = int(lines[-1].split("from step ")[1].split()[0])
+        time.sleep(rng.uniform(0.0, 0.8))
+        proc.kill()
+        out, _ = proc.communicate(timeout=60)
+        kills += 1
+        text = "".join(lines) + out
+        reached = [int(line.split("step ")[1].split("/")[0]) for line in text.splitlines()
+                   if "] step " in line]
+        on_disk = [c.step for c in metadata.scan(str(run_dir / "checkpoints"))]
+        if reached and on_disk:
+            # A save happens every 4 steps, the loop logs every 2: what is on disk is at most
+            # one save period (plus the save in flight) behind the last step logged.
+            assert max(on_disk) >= max(reached) - 2 * 4, (reached[-3:], on_disk)
+        # Whatever the kill interrupted, the directory lists only complete checkpoints.
+        for step in on_disk:
+            assert (run_dir / "checkpoints" / f"ckpt-{step}.index").exists()
+    code, out = run(run_dir, *common)
+    assert code == 0, out[-3000:]
+    final = result_of(out)
+    assert kills == 20 and final["step"] == 3000 and final["resumed_from"] > began
+    assert final["model"] == straight["model"] and final["optimizer"] == straight["optimizer"]
+
+
+# --- damaged run directories (in-process) -------------------------------------------------
+
+def _three_checkpoints(tmp_path):
+    cfg = make_cfg(tmp_path / "run", **{"trainer.max_steps": 15, "trainer.eval_every_steps": None,
+                                        "checkpoint.save_every_steps": 5, "checkpoint.max_to_keep": None})
+    ToyTrainer(cfg).fit()
+    return cfg, tmp_path / "run" / "checkpoints"
+
+
+def test_truncated_newest_data_falls_back_to_the_previous_checkpoint(tmp_path, caplog):
+    cfg, d = _three_checkpoints(tmp_path)
+    data = d / "ckpt-15.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:60])
+    cfg["trainer"]["max_steps"] = 20
+    with caplog.at_level("WARNING", logger="ckptkit"):
+        result = ToyTrainer(cfg).fit()
+    assert result.resumed_from == 10 and result.step == 20
+    assert "ckpt-15 is unreadable" in caplog.text and "falling back" in caplog.text
+
+
+def test_missing_index_is_reported_and_skipped(tmp_path, caplog):
+    cfg, d = _three_checkpoints(tmp_path)
+    (d / "ckpt-15.index").unlink()
+    with caplog.at_level("WARNING", logger="ckptkit"):
+        result = ToyTrainer(cfg).fit()
+    assert result.resumed_from == 10
+    assert "ckpt-15.data-00000-of-00001" in caplog.text
+
+
+def test_garbage_state_file_and_metadata_are_named_and_survived(tmp_path, caplog):
+    cfg, d = _three_checkpoints(tmp_path)
+    (d / "checkpoint").write_text("this is { not a proto")
+    (d / "metadata.json").write_text("[1, 2")
+    cfg["trainer"]["max_steps"] = 20
+    with caplog.at_level("WARNING", logger="ckptkit"):
+        result = ToyTrainer(cfg).fit()
+    assert result.resumed_from == 15 and result.step == 20
+    assert str(d / "checkpoint") in caplog.text and str(d / "metadata.json") in caplog.text
+    import tensorflow as tf
+
+    assert tf.train.latest_checkpoint(str(d)).endswith("ckpt-20")  # rewritten by the next save
+
+
+def test_nothing_readable_is_a_clear_error(tmp_path):
+    cfg, d = _three_checkpoints(tmp_path)
+    for f in d.glob("ckpt-*.data-*"):
+        f.write_bytes(b"")
+    for mode in ("auto", "must"):
+        cfg["checkpoint"]["resume"] = mode
+        with pytest.raises(ckptkit.CheckpointUnreadableError, match="none of the 3 checkpoint"):
+            ToyTrainer(cfg).fit()
+    assert sorted(p.name for p in d.glob("*.index")) == ["ckpt-10.index", "ckpt-15.index", "ckpt-5.index"]
+
+
+def test_config_drift_is_reported_and_shape_changes_refused(tmp_path, caplog):
+    cfg, _ = _three_checkpoints(tmp_path)
+    cfg["optim"]["lr"] = 0.02
+    cfg["trainer"]["max_steps"] = 20
+    with caplog.at_level("WARNING", logger="ckptkit"):
+        assert ToyTrainer(cfg).fit().resumed_from == 15
+    assert "optim.lr: 0.01 -> 0.02" in caplog.text
+    cfg["model"]["hidden"] = 16
+    with pytest.raises(ckptkit.CheckpointMismatchError) as err:
+        ToyTrainer(cfg).fit()
+    assert "model.hidden: 8 -> 16" in str(err.value) and "checkpoint.resume=never" in str(err.value)
+
+
+def test_rng_best_and_elapsed_time_are_checkpointed(tmp_path):
+    cfg = make_cfg(tmp_path / "run", **{"trainer.max_steps": 10, "trainer.eval_every_steps": 5,
+                                        "checkpoint.best.metric": "score", "checkpoint.best.mode": "max",
+                                        "data.score_peak": 5, "data.noise": 0.1})
+    first = ToyTrainer(cfg)
+    r1 = first.fit()
+    state = first.rng.state.numpy()
+    cfg["trainer"]["max_steps"] = 10
+    second = ToyTrainer(cfg)
+    r2 = second.fit()
+    assert (second.rng.state.numpy() == state).all()
+    assert second.train_state.best() == (0.0, 5)
+    assert r2.elapsed_seconds == pytest.approx(r1.elapsed_seconds) and r1.elapsed_seconds > 0

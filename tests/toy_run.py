@@ -1,0 +1,58 @@
+"""Run ToyTrainer in its own process: python toy_run.py RUN_DIR [KEY=VALUE ...]
+
+Values are YAML (``trainer.max_steps=30``, ``model.kind=keras_list``). Prints one line
+``RESULT {json}`` at the end, with the step reached, where it resumed from and a hash of
+every model and optimizer variable, so tests can compare runs bit for bit. ``data.step_sleep``
+makes each step sleep (inside the graph) so a signal can arrive mid-run.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import yaml  # noqa: E402
+
+from conftest import ToyTrainer, make_cfg  # noqa: E402
+
+
+class SlowToyTrainer(ToyTrainer):
+    def train_step(self, batch):
+        pause = float(self.cfg.data.get("step_sleep") or 0.0)
+        if pause:
+            tf.py_function(lambda: __import__("time").sleep(pause), [], [])
+        return super().train_step(batch)
+
+
+def digest(variables) -> str:
+    h = hashlib.sha256()
+    for v in variables:
+        h.update(np.ascontiguousarray(v.numpy()).tobytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    run_dir, overrides = sys.argv[1], sys.argv[2:]
+    kw = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        kw[key] = yaml.safe_load(value)
+    trainer = SlowToyTrainer(make_cfg(run_dir, **kw))
+    result = trainer.fit()
+    print("RESULT " + json.dumps({
+        "step": result.step,
+        "resumed_from": result.resumed_from,
+        "steps_run": result.steps_run,
+        "model": digest(trainer.model.variables),
+        "optimizer": digest(trainer.optimizer.variables),
+        "elapsed": result.elapsed_seconds,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
