@@ -18,6 +18,8 @@ EPILOG = """examples:
   ckptkit export runs/digits          export the best checkpoint again, without training
   ckptkit verify runs/digits/export/1 load a SavedModel and show its signatures
   ckptkit verify runs/digits/checkpoints/ckpt-1500   read every tensor of a checkpoint
+  ckptkit inspect runs/digits         variables by object-graph path, shape, dtype
+  ckptkit diff runs/a runs/b          what a warm start from a into b's model would match
 
 exit codes: 0 success, 1 error (one line; --debug for the traceback), 2 bad usage
 """
@@ -139,6 +141,51 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _table(rows) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+def cmd_inspect(args) -> int:
+    from ckptkit import transfer
+
+    prefix = transfer.resolve_source(args.path)
+    specs = transfer.checkpoint_specs(prefix)
+    kind = "TF2 object-based" if transfer.has_object_graph(prefix) else "TF1 name-based"
+    print(f"{prefix}: {kind} checkpoint")
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(prefix)
+    shown = {key for key, _ in specs.values()}
+    rows = [("path", "shape", "dtype", "checkpoint key")]
+    for path, (key, (shape, dtype)) in sorted(specs.items()):
+        rows.append((path, str(shape.as_list()), dtype.name, "" if key.startswith(path + "/") or key == path else key))
+    others = sorted(k for k in reader.get_variable_to_shape_map()
+                    if k not in shown and k != "_CHECKPOINTABLE_OBJECT_GRAPH")
+    for key in others:
+        path = key.split("/.ATTRIBUTES/")[0]
+        rows.append((path, str(reader.get_variable_to_shape_map()[key]),
+                     reader.get_variable_to_dtype_map()[key].name, ""))
+    _table(rows)
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from ckptkit import transfer
+
+    a, b = transfer.resolve_source(args.a), transfer.resolve_source(args.b)
+    source = transfer.checkpoint_specs(a)
+    target = {p: spec for p, (_, spec) in transfer.checkpoint_specs(b).items()}
+    rename = dict(item.split("=", 1) for item in args.rename)
+    report, _ = transfer.plan_restore(source, target, include=args.include or None,
+                                      exclude=args.exclude, rename=rename, source_name=a)
+    print(f"restoring {a} into the structure of {b}:")
+    for line in report.lines():
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckptkit",
@@ -175,6 +222,29 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ver.add_argument("path", metavar="CKPT_OR_EXPORT")
     ver.set_defaults(func=cmd_verify)
+    ins = sub.add_parser(
+        "inspect", help="list a checkpoint's variables: object-graph paths, shapes, dtypes",
+        description="List the variables of a checkpoint (a prefix, a checkpoint directory, a "
+                    "run directory or a SavedModel): model variables by their object-graph path "
+                    "under model/ (the names include/exclude/rename use), then the rest.",
+        epilog="examples:\n  ckptkit inspect runs/digits\n  ckptkit inspect runs/digits/export/1\n"
+               "  ckptkit inspect old_tf1_model/model.ckpt-1000",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ins.add_argument("path", metavar="CKPT")
+    ins.set_defaults(func=cmd_inspect)
+    dif = sub.add_parser(
+        "diff", help="what a warm start from CKPT_A into CKPT_B's model would match",
+        description="Match the model variables of CKPT_A against those of CKPT_B as a warm "
+                    "start (checkpoint.init_from) would: restored, missing, mismatched, unused.",
+        epilog="examples:\n  ckptkit diff runs/pretrain runs/finetune\n"
+               "  ckptkit diff runs/a runs/b --exclude 'model/head/*' --rename model/encoder/=model/backbone/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    dif.add_argument("a", metavar="CKPT_A")
+    dif.add_argument("b", metavar="CKPT_B")
+    dif.add_argument("--include", action="append", default=[], metavar="GLOB")
+    dif.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    dif.add_argument("--rename", action="append", default=[], metavar="OLD=NEW")
+    dif.set_defaults(func=cmd_diff)
     return parser
 
 

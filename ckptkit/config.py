@@ -42,6 +42,11 @@ class Resume(str, enum.Enum):
     must = "must"
 
 
+class InitWhich(str, enum.Enum):
+    latest = "latest"
+    best = "best"
+
+
 class ExportFrom(str, enum.Enum):
     best = "best"
     last = "last"
@@ -83,6 +88,8 @@ class InitFromConfig:
     exclude: List[str] = field(default_factory=list)
     rename: Dict[str, str] = field(default_factory=dict)
     strict: bool = True
+    which: InitWhich = InitWhich.latest
+    optimizer: bool = False
 
 
 @dataclass

@@ -45,7 +45,7 @@ from ckptkit.resume import config_changes, format_changes, require_checkpoint, r
 from ckptkit.runinfo import RUN_FILE, read_run_record, write_run_record
 from ckptkit.state import TrainState
 from ckptkit.summaries import SummaryWriters
-from ckptkit.transfer import RestoreReport, restore_partial, unreachable_variables
+from ckptkit.transfer import RestoreReport, restore_optimizer, restore_partial, unreachable_variables
 
 log = logging.getLogger("ckptkit")
 
@@ -261,7 +261,9 @@ class Trainer:
         if c.init_from.path:
             f = c.init_from
             report = restore_partial(self.model, f.path, include=f.include, exclude=f.exclude,
-                                     rename=f.rename, strict=f.strict)
+                                     rename=f.rename, strict=f.strict, which=f.which)
+            if f.optimizer:
+                restore_optimizer(self.optimizer, report.source)
             return None, report
         return None, None
 

@@ -64,21 +64,50 @@ class RestoreReport:
         return out
 
 
-def resolve_source(path: str) -> str:
-    """A checkpoint prefix from a prefix, a checkpoint directory or a run directory."""
+def resolve_source(path: str, which: str = "latest") -> str:
+    """A checkpoint prefix from a prefix, a checkpoint directory, a run directory or a
+    SavedModel directory; ``which`` (``latest`` or ``best``) picks within a directory."""
     if tf.io.gfile.exists(path + ".index"):
         return path
+    saved = os.path.join(path, "variables", "variables")
+    if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")) and tf.io.gfile.exists(saved + ".index"):
+        return saved
     for directory in (path, os.path.join(path, "checkpoints")):
-        if tf.io.gfile.isdir(directory):
-            found = metadata.scan(directory)
-            if found:
-                return found[-1].path
-            latest = tf.train.latest_checkpoint(directory)
-            if latest:
-                return latest
+        if not tf.io.gfile.isdir(directory):
+            continue
+        found = metadata.scan(directory)
+        if found and which == "best":
+            doc = metadata.read_document(directory)
+            best = [c for c in found if c.step in (doc.get("best") or [])]
+            if not best:
+                raise CheckpointNotFoundError(
+                    f"checkpoint.init_from.which=best but {directory} records no best checkpoint")
+            return sorted(best, key=lambda c: (doc["best"].index(c.step)))[0].path
+        if found:
+            return found[-1].path
+        latest = tf.train.latest_checkpoint(directory)
+        if latest:
+            return latest
     raise CheckpointNotFoundError(
-        f"checkpoint.init_from.path {path!r} is not a checkpoint prefix, a checkpoint "
-        "directory or a run directory with checkpoints")
+        f"{path!r} is not a checkpoint prefix, a checkpoint directory, a run directory with "
+        "checkpoints or a SavedModel directory")
+
+
+def has_object_graph(prefix: str) -> bool:
+    """TF2 object-based checkpoints carry their object graph; TF1 Saver checkpoints do not."""
+    return tf.train.load_checkpoint(prefix).has_tensor(_GRAPH_KEY)
+
+
+def checkpoint_name_paths(prefix: str) -> Dict[str, str]:
+    """For a TF1 name-based checkpoint: variable name -> key (the same string)."""
+    return {name: name for name, _ in tf.train.list_variables(prefix)}
+
+
+def variable_name(var) -> str:
+    """A variable's name as a TF1 Saver would have written it: no ``:0``; a Keras 3
+    variable's ``path`` (``dense/kernel``)."""
+    name = getattr(var, "path", None) or var.name
+    return name[:-2] if name.endswith(":0") else name
 
 
 def checkpoint_variable_paths(prefix: str, root: str = ROOT) -> Dict[str, str]:
@@ -159,6 +188,57 @@ def _selected(path: str, include: Optional[Sequence[str]], exclude: Sequence[str
     return not any(fnmatch.fnmatchcase(path, g) for g in exclude)
 
 
+Spec = Tuple[tf.TensorShape, tf.DType]
+
+
+def checkpoint_specs(prefix: str) -> Dict[str, Tuple[str, Spec]]:
+    """Variable path -> (checkpoint key, (shape, dtype)); paths under ``model/`` for TF2
+    checkpoints and SavedModels, variable names for TF1 name-based checkpoints."""
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    dtypes = reader.get_variable_to_dtype_map()
+    paths = checkpoint_variable_paths(prefix) if has_object_graph(prefix) else checkpoint_name_paths(prefix)
+    return {p: (key, (tf.TensorShape(shapes[key]), dtypes[key])) for p, key in paths.items()}
+
+
+def plan_restore(
+    source: Mapping[str, Tuple[str, Spec]],
+    target: Mapping[str, Spec],
+    *,
+    include: Optional[Sequence[str]] = None,
+    exclude: Sequence[str] = (),
+    rename: Optional[Mapping[str, str]] = None,
+    source_name: str = "",
+) -> Tuple[RestoreReport, Dict[str, str]]:
+    """Match ``source`` (path -> (key, spec)) against ``target`` (path -> spec).
+
+    Returns the report (``restored`` lists what would be restored) and target path ->
+    checkpoint key for those. Pure: ``ckptkit diff`` and ``restore_partial`` share it.
+    """
+    renamed = {_renamed(p, dict(rename or {})): entry for p, entry in source.items()}
+    report = RestoreReport(source=source_name)
+    matches: Dict[str, str] = {}
+    for p in sorted(target):
+        want_shape, want_dtype = target[p]
+        if not _selected(p, include, exclude):
+            report.skipped_by_selection.append(p)
+            continue
+        if p not in renamed:
+            report.missing_in_checkpoint.append(p)
+            continue
+        key, (have_shape, have_dtype) = renamed[p]
+        if not want_shape.is_compatible_with(have_shape) or want_dtype != have_dtype:
+            report.mismatched.append(
+                (p, f"checkpoint has {have_shape.as_list()} {have_dtype.name}, "
+                    f"model has {want_shape.as_list()} {want_dtype.name}"))
+            continue
+        matches[p] = key
+        report.restored.append(p)
+    report.unused_in_checkpoint = sorted(
+        p for p in renamed if p not in target and _selected(p, include, exclude))
+    return report, matches
+
+
 def restore_partial(
     model,
     path: str,
@@ -167,44 +247,32 @@ def restore_partial(
     exclude: Sequence[str] = (),
     rename: Optional[Mapping[str, str]] = None,
     strict: bool = True,
+    which: str = "latest",
 ) -> RestoreReport:
     """Copy the selected, matching variables of checkpoint ``path`` into ``model``.
 
-    With ``strict`` a selected variable that is missing in the checkpoint or mismatched
-    is an error listing every such variable, and nothing is assigned.
+    TF2 checkpoints (and SavedModels) are matched by object-graph path under ``model/``;
+    a TF1 name-based checkpoint (``tf.compat.v1.train.Saver``) by variable name, which
+    ``rename`` can map. With ``strict`` a selected variable that is missing in the
+    checkpoint or mismatched is an error listing every such variable, and nothing is
+    assigned.
     """
-    prefix = resolve_source(path)
-    rename = dict(rename or {})
-    source = {_renamed(p, rename): key for p, key in checkpoint_variable_paths(prefix).items()}
-    target = model_variable_paths(model)
-    reader = tf.train.load_checkpoint(prefix)
-    shapes = reader.get_variable_to_shape_map()
-    dtypes = reader.get_variable_to_dtype_map()
-    report = RestoreReport(source=prefix)
-    assignments = []
-    for p in sorted(target):
-        var = target[p]
-        if not _selected(p, include, exclude):
-            report.skipped_by_selection.append(p)
-            continue
-        key = source.get(p)
-        if key is None:
-            report.missing_in_checkpoint.append(p)
-            continue
-        want_shape = tf.TensorShape(var.shape)
-        want_dtype = tf.as_dtype(var.dtype)
-        have_shape = tf.TensorShape(shapes[key])
-        have_dtype = dtypes[key]
-        if not want_shape.is_compatible_with(have_shape) or want_dtype != have_dtype:
-            report.mismatched.append(
-                (p, f"checkpoint has {have_shape.as_list()} {have_dtype.name}, "
-                    f"model has {want_shape.as_list()} {want_dtype.name}"))
-            continue
-        assignments.append((p, var, key))
-    used = {key for _, _, key in assignments}
-    report.unused_in_checkpoint = sorted(
-        p for p, key in source.items()
-        if key not in used and p not in target and _selected(p, include, exclude))
+    prefix = resolve_source(path, which)
+    if has_object_graph(prefix):
+        variables = model_variable_paths(model)
+    else:
+        variables = {}
+        for v in model_variable_paths(model).values():
+            name = variable_name(v)
+            if name in variables:
+                raise CheckpointMismatchError(
+                    f"{prefix} is a name-based (TF1) checkpoint, matched by variable name, but "
+                    f"several variables of the model are named {name!r}; give them unique names")
+            variables[name] = v
+        log.info("%s is a name-based (TF1) checkpoint: matching variables by name", prefix)
+    target = {p: (tf.TensorShape(v.shape), tf.as_dtype(v.dtype)) for p, v in variables.items()}
+    report, matches = plan_restore(checkpoint_specs(prefix), target, include=include,
+                                   exclude=exclude, rename=rename, source_name=prefix)
     if strict and (report.missing_in_checkpoint or report.mismatched):
         problems = [f"{p}: missing in checkpoint" for p in report.missing_in_checkpoint]
         problems += [f"{p}: {why}" for p, why in report.mismatched]
@@ -213,12 +281,36 @@ def restore_partial(
             f"{len(problems)} selected variable(s):\n  " + "\n  ".join(problems)
             + "\nExclude them with checkpoint.init_from.exclude, map them with "
             "checkpoint.init_from.rename, or set checkpoint.init_from.strict=false.")
-    for p, var, key in assignments:
-        var.assign(reader.get_tensor(key))
-        report.restored.append(p)
+    reader = tf.train.load_checkpoint(prefix)
+    for p, key in matches.items():
+        variables[p].assign(reader.get_tensor(key))
     for line in report.lines():
         log.info(line)
     if report.mismatched or report.missing_in_checkpoint:
         log.warning("warm start left %d selected variable(s) freshly initialised",
                     len(report.mismatched) + len(report.missing_in_checkpoint))
     return report
+
+
+def restore_optimizer(optimizer, prefix: str) -> None:
+    """Carry a checkpoint's optimizer state (slots, iteration count) over as a whole.
+
+    Needs the same trainable variables in the same order and shapes as the source run;
+    anything else is an error naming the checkpoint. The learning rate stays the one this
+    run configured (a fine-tune usually sets its own).
+    """
+    lr = getattr(optimizer, "_learning_rate", None)
+    configured_lr = lr.numpy() if hasattr(lr, "assign") and hasattr(lr, "numpy") else None
+    try:
+        status = tf.train.Checkpoint(optimizer=optimizer).read(prefix)
+        status.assert_existing_objects_matched()
+        status.expect_partial()
+    except (AssertionError, ValueError, tf.errors.OpError) as exc:
+        raise CheckpointMismatchError(
+            f"checkpoint.init_from.optimizer=true: the optimizer state in {prefix} does not fit "
+            f"this model's optimizer ({str(exc).splitlines()[0]}); it carries over only between "
+            "models with the same trainable variables") from exc
+    if configured_lr is not None:
+        lr.assign(configured_lr)
+    log.info("warm start: optimizer state (slots, %s iterations) restored from %s",
+             int(optimizer.iterations.numpy()) if hasattr(optimizer, "iterations") else "?", prefix)

@@ -24,8 +24,12 @@ class Classifier(tf.keras.Model):
 
 
 def digits_ds(data, *, training: bool, seed: int = 0) -> tf.data.Dataset:
-    """The bundled digits, split 80/20 by a fixed permutation; pixels scaled to [0, 1]."""
+    """The bundled digits (``data.classes`` of them, if set), split 80/20 by a fixed
+    permutation; pixels scaled to [0, 1]."""
     x, y = load_digits(return_X_y=True)
+    if data.get("classes"):  # keep these digits only, relabelled 0..k-1
+        keep = np.isin(y, list(data.classes))
+        x, y = x[keep], np.searchsorted(sorted(data.classes), y[keep])
     order = np.random.default_rng(0).permutation(len(x))
     n_eval = int(len(x) * data.eval_fraction)
     idx = order[n_eval:] if training else order[:n_eval]

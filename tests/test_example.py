@@ -69,3 +69,18 @@ def test_help_lists_commands(capsys):
         cli.main(["--help"])
     assert exit_.value.code == 0
     assert "ls" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_transfer_example_pretrains_and_fine_tunes(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "transfer.py"), "trainer.max_steps=100",
+         "finetune.max_steps=60", "trainer.eval_every_steps=50", "checkpoint.save_every_steps=50"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = proc.stdout
+    assert "pretrained on [0, 1, 2, 3, 4]" in out and "fine-tuned on [5, 6, 7, 8, 9]" in out
+    assert "restored: model/backbone/0/_kernel, model/backbone/0/bias" in out
+    assert "skipped by selection (kept fresh): model/head/_kernel, model/head/bias" in out
+    assert (tmp_path / "runs" / "transfer-finetune" / "export" / "1" / "saved_model.pb").exists()

@@ -1,0 +1,127 @@
+"""Warm starts from other checkpoints: selection, renames, SavedModels, TF1 checkpoints."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ckptkit
+from ckptkit import cli, transfer
+
+from conftest import Dense, KerasNet, Net, ToyTrainer, make_cfg, values
+
+
+def _trained_source(tmp_path, **kw):
+    cfg = make_cfg(tmp_path / "src", **{"trainer.max_steps": 10, **kw})
+    trainer = ToyTrainer(cfg)
+    trainer.fit()
+    return trainer, cfg
+
+
+class Nested(tf.Module):
+    """The source's backbone nested one level deeper, under another name."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = tf.Module()
+        self.features.encoder = Dense(4, 8, seed=9)
+        self.classifier = Dense(8, 6, seed=10)
+
+
+def test_rename_into_a_differently_nested_model(tmp_path):
+    source, _ = _trained_source(tmp_path)
+    target = Nested()
+    report = ckptkit.restore_partial(target, str(tmp_path / "src"),
+                                     rename={"model/backbone/": "model/features/encoder/"},
+                                     exclude=["model/classifier/*"])
+    assert report.restored == ["model/features/encoder/b", "model/features/encoder/w"]
+    assert report.unused_in_checkpoint == ["model/head/b", "model/head/w"]
+    np.testing.assert_array_equal(target.features.encoder.w.numpy(), source.model.backbone.w.numpy())
+
+
+def test_include_globs_select_what_is_restored(tmp_path):
+    source, _ = _trained_source(tmp_path)
+    target = Net(seed=3)
+    fresh_b = target.backbone.b.numpy()
+    report = ckptkit.restore_partial(target, str(tmp_path / "src"), include=["model/*/w"])
+    assert report.restored == ["model/backbone/w", "model/head/w"]
+    assert report.skipped_by_selection == ["model/backbone/b", "model/head/b"]
+    np.testing.assert_array_equal(target.backbone.b.numpy(), fresh_b)
+
+
+def test_warm_start_from_a_savedmodel_export(tmp_path):
+    source, cfg = _trained_source(tmp_path, **{"export.enabled": True, "export.from": "last"})
+    export = os.path.join(cfg["run_dir"], "export", "1")
+    target = Net(seed=5)
+    report = ckptkit.restore_partial(target, export)
+    assert report.source.endswith(os.path.join("export", "1", "variables", "variables"))
+    assert len(report.restored) == 4
+    for a, b in zip(values(target.trainable_variables), values(source.model.trainable_variables)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _write_tf1_checkpoint(prefix, arrays):
+    with tf.Graph().as_default():
+        variables = [tf.compat.v1.get_variable(name, initializer=value) for name, value in arrays.items()]
+        saver = tf.compat.v1.train.Saver(variables)
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            return saver.save(sess, prefix)
+
+
+def test_warm_start_from_a_tf1_saver_checkpoint_by_name(tmp_path):
+    model = KerasNet(hidden=8, classes=3)
+    model(tf.zeros([1, 4]))
+    names = {transfer.variable_name(v): v for v in model.variables}
+    kernel_name = [n for n in names if n.endswith("kernel") and names[n].shape == (4, 8)][0]
+    prefix = os.path.dirname(kernel_name)
+    rng = np.random.default_rng(0)
+    old = {"encoder/kernel": rng.normal(size=(4, 8)).astype("float32"),
+           "encoder/bias": rng.normal(size=(8,)).astype("float32"),
+           "global_step": np.int64(1000)}
+    path = _write_tf1_checkpoint(str(tmp_path / "tf1" / "model.ckpt"), old)
+    report = ckptkit.restore_partial(model, path, rename={"encoder/": prefix + "/"}, strict=False)
+    assert sorted(report.restored) == [prefix + "/bias", prefix + "/kernel"]
+    assert "global_step" in report.unused_in_checkpoint
+    np.testing.assert_array_equal(names[kernel_name].numpy(), old["encoder/kernel"])
+    assert cli.main(["inspect", path]) == 0
+
+
+def test_init_from_best_and_optimizer_state(tmp_path):
+    _trained_source(tmp_path, **{"trainer.eval_every_steps": 5, "checkpoint.save_every_steps": 5,
+                                 "checkpoint.best.metric": "score", "checkpoint.best.mode": "max",
+                                 "data.score_peak": 5})
+    best = tf.train.load_checkpoint(str(tmp_path / "src" / "checkpoints" / "ckpt-5"))
+    cfg = make_cfg(tmp_path / "dst", **{
+        "trainer.max_steps": 1, "optim.lr": 0.0, "checkpoint.init_from.path": str(tmp_path / "src"),
+        "checkpoint.init_from.which": "best", "checkpoint.init_from.optimizer": True})
+    target = ToyTrainer(cfg)
+    result = target.fit()
+    assert result.warm_start.source.endswith("ckpt-5")
+    np.testing.assert_array_equal(target.model.head.w.numpy(),
+                                  best.get_tensor("model/head/w/.ATTRIBUTES/VARIABLE_VALUE"))
+    assert int(target.optimizer.iterations.numpy()) == 5 + 1  # carried over, plus one step
+
+
+def test_optimizer_state_of_another_model_is_refused(tmp_path):
+    _trained_source(tmp_path)
+    cfg = make_cfg(tmp_path / "dst", **{"model.classes": 5, "checkpoint.init_from.path": str(tmp_path / "src"),
+                                        "checkpoint.init_from.exclude": ["model/head/*"],
+                                        "checkpoint.init_from.optimizer": True})
+    with pytest.raises(ckptkit.CheckpointMismatchError, match="optimizer state"):
+        ToyTrainer(cfg).fit()
+
+
+def test_cli_inspect_and_diff(tmp_path, capsys):
+    _trained_source(tmp_path)
+    ToyTrainer(make_cfg(tmp_path / "other", **{"trainer.max_steps": 5, "model.classes": 5})).fit()
+    assert cli.main(["inspect", str(tmp_path / "src")]) == 0
+    out = capsys.readouterr().out
+    assert "model/backbone/w" in out and "[4, 8]" in out and "float32" in out and "global_step" in out
+    assert cli.main(["diff", str(tmp_path / "src"), str(tmp_path / "other")]) == 0
+    out = capsys.readouterr().out
+    assert "2 restored" in out and "2 mismatched" in out
+    assert "model/head/w: checkpoint has [8, 3] float32, model has [8, 5] float32" in out
+    assert cli.main(["inspect", str(tmp_path / "nowhere")]) == 1
+    assert "is not a checkpoint prefix" in capsys.readouterr().err
