@@ -118,6 +118,7 @@ class Checkpointer:
                             "checkpoints by their files, and rewrites it at the next save",
                             state_file, str(exc).splitlines()[0][:200])
         self._pending: Optional[CheckpointInfo] = None  # written in the background, not yet recorded
+        self._completed: List[CheckpointInfo] = []  # saves recorded since drain_completed()
         self._background_error: Optional[BaseException] = None
 
     # --- what is on disk -----------------------------------------------------------------
@@ -218,6 +219,12 @@ class Checkpointer:
                 + (f": {cause}" if cause else "; see the TensorFlow log above")
             )
 
+    def drain_completed(self) -> List[CheckpointInfo]:
+        """The saves completed since the last call (for logging them from the main thread)."""
+        with self._lock:
+            done, self._completed = self._completed, []
+        return done
+
     def _raise_background_error(self) -> None:
         err, self._background_error = self._background_error, None
         if err is not None:
@@ -234,6 +241,8 @@ class Checkpointer:
             done = dataclasses.replace(info, size=metadata.files_size(info.path),
                                        save_seconds=seconds, blocking_seconds=blocking)
             self._record(done)
+            with self._lock:
+                self._completed.append(done)
             log.info("saved checkpoint %s (step %d, %.2fs, training blocked %.3fs)",
                      info.path, info.step, seconds, blocking)
         except Exception as exc:  # noqa: BLE001 - surfaced in the training thread

@@ -42,6 +42,12 @@ class Resume(str, enum.Enum):
     must = "must"
 
 
+class ProgressMode(str, enum.Enum):
+    auto = "auto"
+    bar = "bar"
+    log = "log"
+
+
 class InitWhich(str, enum.Enum):
     latest = "latest"
     best = "best"
@@ -72,6 +78,7 @@ class TrainerConfig:
     log_every_steps: int = 100
     seed: int = 0
     deterministic: bool = False
+    progress: ProgressMode = ProgressMode.auto
 
 
 @dataclass
@@ -284,7 +291,7 @@ def load_config(cfg: Union[Mapping[str, Any], DictConfig]) -> tuple[RunConfig, D
         export=ExportConfig(**export),
         strategy=_plain(OmegaConf.to_object(full.strategy)),
     )
-    for group in ("checkpoint", "export", "strategy"):  # enums as strings for the user's code too
+    for group in ("trainer", "checkpoint", "export", "strategy"):  # enums as strings for the user's code too
         full[group] = OmegaConf.create(OmegaConf.to_container(full[group], enum_to_str=True))
     return validate(run), full
 

@@ -41,10 +41,11 @@ from ckptkit.policies import (
     is_better,
 )
 from ckptkit.preemption import Preempted, PreemptionWatch
+from ckptkit.progress import Progress
 from ckptkit.resume import config_changes, format_changes, require_checkpoint, restore_newest_readable
 from ckptkit.runinfo import RUN_FILE, read_run_record, write_run_record
 from ckptkit.state import TrainState
-from ckptkit.summaries import SummaryWriters
+from ckptkit.summaries import SummaryWriters, flat_hparams
 from ckptkit.transfer import RestoreReport, restore_optimizer, restore_partial, unreachable_variables
 
 log = logging.getLogger("ckptkit")
@@ -112,6 +113,7 @@ class Trainer:
         self._train_fn: Optional[Callable] = None
         self._eval_fn: Optional[Callable] = None
         self._summaries: Optional[SummaryWriters] = None
+        self._progress = Progress("log", 0, 0)
 
     # --- hooks the user overrides --------------------------------------------------------
 
@@ -302,17 +304,23 @@ class Trainer:
                               f"is {s.checkpoint.best.metric!r} but the trainer has no eval_dataset()")
         self._summaries = SummaryWriters(os.path.join(self.run_dir, "logs"))
         start_step = int(self.global_step.numpy())
+        if resumed_from is not None:
+            self._summaries.resume_at(start_step)
+        self._summaries.run_info(start_step, OmegaConf.to_yaml(self.cfg),
+                                 flat_hparams(OmegaConf.to_container(self.cfg, resolve=True)))
         if start_step >= s.trainer.max_steps:
             log.info("run %s already finished: step %d of trainer.max_steps=%d, nothing to train",
                      s.name or self.run_dir, start_step, s.trainer.max_steps)
         else:
             log.info("training %s from step %d to %d", s.name or self.run_dir, start_step,
                      s.trainer.max_steps)
+        self._progress = Progress(s.trainer.progress, s.trainer.max_steps, start_step)
         try:
-            with self._watch:
+            with self._watch, self._progress:
                 step, train_metrics, eval_metrics = self._train(eval_ds, start_step)
         finally:
             self.checkpointer.wait()
+            self._log_completed_saves()
             self._summaries.flush()
         if self._watch.requested:
             self._summaries.close()
@@ -338,6 +346,15 @@ class Trainer:
             warm_start=report,
         )
 
+    def _log_completed_saves(self) -> None:
+        for info in self.checkpointer.drain_completed():
+            self._summaries.scalars("checkpoint", info.step, {
+                "save_seconds": info.save_seconds or 0.0,
+                "blocking_seconds": info.blocking_seconds or 0.0,
+                "size_mb": (info.size or 0) / 2**20,
+            })
+            self._progress.saved(info.step)
+
     def _check_new_best(self, step: int, step_eval: Optional[Dict[str, float]]) -> bool:
         metric, mode = self.settings.checkpoint.best.metric, self.settings.checkpoint.best.mode
         if step_eval is None or not metric:
@@ -354,6 +371,7 @@ class Trainer:
         log.info("new best %s=%.6g at step %d (was %s)", metric, value, step,
                  "none" if best_value is None else f"{best_value:.6g}")
         self.train_state.set_best(value, step)
+        self._progress.best(metric, value, step)
         return True
 
     def _train(self, eval_ds, step: int):
@@ -381,6 +399,8 @@ class Trainer:
                     f"the last checkpoint ({ckpt.latest.path if ckpt.latest else 'none'}) "
                     "is kept, nothing was saved after it")
             final = step >= t.max_steps
+            self._progress.update(step, train_metrics, (step - log_start_step) / max(time.time() - log_start, 1e-9))
+            self._log_completed_saves()
             if step % t.log_every_steps == 0 or final:
                 rate = (step - log_start_step) / max(time.time() - log_start, 1e-9)
                 self._summaries.scalars("train", step, {**train_metrics, "steps_per_sec": rate})

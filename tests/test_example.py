@@ -35,6 +35,7 @@ def test_digits_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert (run_dir / "export" / "1" / "saved_model.pb").exists()
     assert os.listdir(run_dir / "logs" / "train") and os.listdir(run_dir / "logs" / "eval")
     assert "export check passed" in first
+    assert "\x1b[" not in first  # in a pipe: plain log lines, no progress bar or colours
 
     code, second = run_example(tmp_path, *overrides)
     assert code == 0, second[-3000:]

@@ -247,3 +247,41 @@ def test_save_at_specific_steps(toy_cfg):
                      "checkpoint.save_at_steps": [3, 11], "checkpoint.max_to_keep": None})
     ToyTrainer(cfg).fit()
     assert _steps_on_disk(os.path.join(cfg["run_dir"], "checkpoints")) == [3, 11, 20]
+
+
+def _events(directory):
+    from tensorboard.compat.proto import event_pb2
+
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if "tfevents" in name:
+            for record in tf.data.TFRecordDataset(os.path.join(directory, name)):
+                out.append(event_pb2.Event.FromString(record.numpy()))
+    return out
+
+
+def test_tensorboard_after_a_resume_has_no_duplicate_or_out_of_order_steps(toy_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = toy_cfg(**{"trainer.max_steps": 25, "trainer.log_every_steps": 5, "trainer.eval_every_steps": 5,
+                     "checkpoint.save_every_steps": 10})
+    ToyTrainer(cfg).fit()
+    ckpts = tmp_path / "run" / "checkpoints"
+    for f in ckpts.glob("ckpt-25.*"):  # as if killed after logging step 25, before its save
+        f.unlink()
+    cfg["trainer"]["max_steps"] = 30
+    result = ToyTrainer(cfg).fit()
+    assert result.resumed_from == 20
+    logs = tmp_path / "run" / "logs"
+    for phase in ("train", "eval"):
+        steps = [e.step for e in _events(logs / phase)
+                 if any(v.tag == ("loss" if phase == "train" else "accuracy") for v in e.summary.value)]
+        assert steps == [5, 10, 15, 20, 25, 30], (phase, steps)
+    acc = EventAccumulator(str(logs / "checkpoint"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("save_seconds")] == [10, 20, 30]  # 25 was never saved
+    assert {"save_seconds", "blocking_seconds", "size_mb"} <= set(acc.Tags()["tensors"])
+    root = _events(logs)
+    assert any(v.metadata.plugin_data.plugin_name == "hparams" for e in root for v in e.summary.value)
+    train_tags = {v.tag for e in _events(logs / "train") for v in e.summary.value}
+    assert "config" in train_tags and "steps_per_sec" in train_tags
