@@ -13,6 +13,7 @@ from ckptkit.errors import (
 )
 from ckptkit.policies import CheckpointInfo
 from ckptkit.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
+from ckptkit.runlock import RunLockedError
 from ckptkit.trainer import FitResult, Trainer
 from ckptkit.transfer import RestoreReport, restore_partial
 
@@ -35,6 +36,7 @@ __all__ = [
     "Preempted",
     "FitResult",
     "RestoreReport",
+    "RunLockedError",
     "Trainer",
     "restore_partial",
 ]

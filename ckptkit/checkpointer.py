@@ -194,15 +194,36 @@ class Checkpointer:
             self._pending = None
             if previous is not None and previous.step not in self._records:
                 raise CheckpointSaveError(
-                    f"saving checkpoint {previous.path} failed in the background: {exc}"
-                ) from exc
+                    f"saving checkpoint {previous.path} failed in the background: "
+                    f"{self._failure(previous.path, exc)}") from exc
             self._raise_background_error()
-            raise CheckpointSaveError(f"saving checkpoint {prefix} failed: {exc}") from exc
+            raise CheckpointSaveError(
+                f"saving checkpoint {prefix} failed: {self._failure(prefix, exc)}") from exc
         timing["blocking"] = time.time() - started
         returned.set()
         if not self.async_save:
             self._raise_background_error()
         return prefix
+
+    def _failure(self, prefix: str, exc: object) -> str:
+        """What went wrong writing ``prefix``, with the space situation when the disk is full."""
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        temp = prefix + "_temp"  # TensorFlow's partial shards of this save: ours, useless now
+        if tf.io.gfile.isdir(temp):
+            tf.io.gfile.rmtree(temp)
+        if "space left" in text.lower() or "ENOSPC" in text:
+            latest = self.latest
+            needed = latest.size if latest and latest.size else None
+            try:
+                st = os.statvfs(self.directory)
+                free = st.f_bavail * st.f_frsize
+            except OSError:
+                free = None
+            text = (f"the disk holding {self.directory} is full ({free if free is not None else '?'} "
+                    f"bytes free, about {needed if needed else '?'} bytes needed for one checkpoint); "
+                    f"free space and launch again: the run resumes from its last complete "
+                    f"checkpoint ({text})")
+        return text
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is written and recorded; raise its error."""
@@ -215,9 +236,8 @@ class Checkpointer:
             if impl is not None:
                 impl._async_error = None  # reported here, not again at the next save
             raise CheckpointSaveError(
-                f"saving checkpoint {pending.path} failed in the background"
-                + (f": {cause}" if cause else "; see the TensorFlow log above")
-            )
+                f"saving checkpoint {pending.path} failed in the background: "
+                + (self._failure(pending.path, cause) if cause else "see the TensorFlow log above"))
 
     def drain_completed(self) -> List[CheckpointInfo]:
         """The saves completed since the last call (for logging them from the main thread)."""
@@ -234,6 +254,7 @@ class Checkpointer:
                     timing: dict) -> None:
         """Runs once the files of ``info`` are complete (in TensorFlow's save thread if async)."""
         try:
+            metadata.fsync_checkpoint(info.path)
             seconds = time.time() - started
             if self.async_save:
                 returned.wait(timeout=60)  # write() returns right after the copy

@@ -52,12 +52,43 @@ def files_size(prefix: str) -> int:
     return sum(tf.io.gfile.stat(f).length for f in checkpoint_files(prefix))
 
 
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def fsync_path(path: str) -> None:
+    """Flush a local file or directory to disk (no-op for remote filesystems)."""
+    if not _is_local(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_checkpoint(prefix: str) -> None:
+    """Flush a checkpoint's files and its directory entry before anything points at them."""
+    for f in checkpoint_files(prefix):
+        fsync_path(f)
+    fsync_path(os.path.dirname(prefix) or ".")
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
+    """Write ``text`` to ``path`` through a temporary file, flushed, renamed into place."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with tf.io.gfile.GFile(tmp, "w") as f:
         f.write(text)
+    fsync_path(tmp)
     tf.io.gfile.rename(tmp, path, overwrite=True)
+    fsync_path(os.path.dirname(path) or ".")
+
+
+def symlinked_files(prefix: str) -> List[str]:
+    """Files of the checkpoint at ``prefix`` that are symbolic links (refused by ckptkit)."""
+    if not _is_local(prefix):
+        return []
+    return [f for f in checkpoint_files(prefix) if os.path.islink(f)]
 
 
 def _finite_or_none(v):
@@ -111,6 +142,11 @@ def scan(directory: str) -> List[CheckpointInfo]:
             continue
         step = int(m.group(1))
         prefix = checkpoint_prefix(directory, step)
+        links = symlinked_files(prefix)
+        if links:
+            log.warning("refusing checkpoint %s: %s is a symbolic link; ckptkit reads and deletes "
+                        "only its own files inside %s", prefix, ", ".join(links), directory)
+            continue
         entry = meta.get(step, {})
         when = entry.get("time")
         if when is None:

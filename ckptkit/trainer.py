@@ -27,7 +27,7 @@ from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
 from ckptkit.config import RunConfig, load_config
-from ckptkit.errors import CheckpointMismatchError, ConfigError, ExportError
+from ckptkit.errors import CheckpointMismatchError, CheckpointSaveError, CkptkitError, ConfigError, ExportError
 from ckptkit.policies import (
     AnySave,
     CheckpointInfo,
@@ -44,6 +44,7 @@ from ckptkit.preemption import Preempted, PreemptionWatch
 from ckptkit.progress import Progress
 from ckptkit.resume import config_changes, format_changes, require_checkpoint, restore_newest_readable
 from ckptkit.runinfo import RUN_FILE, read_run_record, write_run_record
+from ckptkit.runlock import RunLock
 from ckptkit.state import TrainState
 from ckptkit.summaries import SummaryWriters, flat_hparams
 from ckptkit.transfer import RestoreReport, restore_optimizer, restore_partial, unreachable_variables
@@ -291,12 +292,33 @@ class Trainer:
         """Train to ``trainer.max_steps`` (resuming if possible), then export.
 
         On SIGTERM, SIGINT or SIGUSR1 it saves at the step reached and raises
-        :class:`~ckptkit.Preempted` (a SystemExit with code 75).
+        :class:`~ckptkit.Preempted` (a SystemExit with code 75). Holds the run directory's
+        lock throughout: a second launch on the same run directory is refused.
         """
         _ensure_logging()
+        try:
+            lock = RunLock(self.run_dir).acquire()
+        except PermissionError as exc:
+            raise CheckpointSaveError(f"cannot write to the run directory {self.run_dir}: {exc}") from exc
+        except OSError as exc:
+            if isinstance(exc, CkptkitError):
+                raise
+            raise CheckpointSaveError(f"cannot write to the run directory {self.run_dir}: {exc}") from exc
+        try:
+            return self._fit()
+        finally:
+            lock.release()
+
+    def _fit(self) -> FitResult:
         self.build()
         s = self.settings
         resumed_from, report = self._resume_or_warm_start()
+        step_now = int(self.global_step.numpy())
+        if resumed_from is not None and step_now > s.trainer.max_steps:
+            raise ConfigError("trainer.max_steps",
+                              f"is {s.trainer.max_steps}, below step {step_now} that the run "
+                              f"resumed from ({self.checkpointer.directory}); raise it, or set "
+                              "checkpoint.resume=never to start over")
         write_run_record(self.run_dir, type(self), self.cfg)
         eval_ds = self.eval_dataset()
         if s.checkpoint.best.metric and eval_ds is None:
