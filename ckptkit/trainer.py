@@ -208,8 +208,9 @@ class Trainer:
             data=self._iterator,
             train_state=self.train_state,
         )
-        self._train_fn = loop_lib.make_train_loop(self.train_step, self.global_step, self._watch.flag)
-        self._train_fn.get_concrete_function(self._iterator, tf.TensorSpec([], tf.int32))
+        self._train_fn = loop_lib.TrainLoop(self.train_step, self.global_step, self._iterator,
+                                            self._watch.flag)
+        self._train_fn.trace()
         hidden = unreachable_variables(self.model)
         if hidden:
             raise CheckpointMismatchError(
@@ -408,26 +409,15 @@ class Trainer:
         last_save_step = ckpt.latest.step if ckpt.latest else None
         last_save_time = self.clock()
         log_start, log_start_step = time.time(), step
+        unsaved_seconds = 0.0  # training time not yet added to train_state (done before saves)
         while step < t.max_steps and not self._watch.requested:
             n = self._next_boundary(step) - step
             began = time.time()
-            out = self._train_fn(self._iterator, tf.constant(n, tf.int32))
-            step = int(self.global_step.numpy())
-            self.train_state.add_time(time.time() - began)
-            train_metrics = loop_lib.to_python(out)
-            if not loop_lib.all_finite(train_metrics):
-                raise FloatingPointError(
-                    f"non-finite train metrics at step {step}: {_fmt(train_metrics)}; "
-                    f"the last checkpoint ({ckpt.latest.path if ckpt.latest else 'none'}) "
-                    "is kept, nothing was saved after it")
+            out = self._train_fn(n)
+            unsaved_seconds += time.time() - began
+            step = int(self.global_step.numpy()) if self._watch.requested else step + n
             final = step >= t.max_steps
-            self._progress.update(step, train_metrics, (step - log_start_step) / max(time.time() - log_start, 1e-9))
-            self._log_completed_saves()
-            if step % t.log_every_steps == 0 or final:
-                rate = (step - log_start_step) / max(time.time() - log_start, 1e-9)
-                self._summaries.scalars("train", step, {**train_metrics, "steps_per_sec": rate})
-                log.info("step %d/%d  %s  (%.0f steps/s)", step, t.max_steps, _fmt(train_metrics), rate)
-                log_start, log_start_step = time.time(), step
+            log_due = step % t.log_every_steps == 0 or final
             step_eval = None
             if eval_ds is not None and ((t.eval_every_steps and step % t.eval_every_steps == 0) or final):
                 step_eval = eval_metrics = self._evaluate(eval_ds, step)
@@ -435,11 +425,33 @@ class Trainer:
             ctx = SaveContext(step=step, now=self.clock(), last_save_step=last_save_step,
                               last_save_time=last_save_time, new_best=new_best, final=final,
                               preempted=self._watch.requested)
-            if policy.should_save(ctx):
+            save_due = policy.should_save(ctx)
+            # Metrics leave the device only when something uses them: converting them after
+            # every loop call would cost a small model ~10% at steps_per_loop=1. They are
+            # always checked before a save, so non-finite weights are never saved.
+            if log_due or save_due or self._progress.enabled:
+                train_metrics = loop_lib.to_python(out)
+                if not loop_lib.all_finite(train_metrics):
+                    raise FloatingPointError(
+                        f"non-finite train metrics at step {step}: {_fmt(train_metrics)}; "
+                        f"the last checkpoint ({ckpt.latest.path if ckpt.latest else 'none'}) "
+                        "is kept, nothing was saved after it")
+                self._progress.update(step, train_metrics,
+                                      (step - log_start_step) / max(time.time() - log_start, 1e-9))
+            self._log_completed_saves()
+            if log_due:
+                rate = (step - log_start_step) / max(time.time() - log_start, 1e-9)
+                self._summaries.scalars("train", step, {**train_metrics, "steps_per_sec": rate})
+                log.info("step %d/%d  %s  (%.0f steps/s)", step, t.max_steps, _fmt(train_metrics), rate)
+                log_start, log_start_step = time.time(), step
+            if save_due:
+                self.train_state.add_time(unsaved_seconds)
+                unsaved_seconds = 0.0
                 path = ckpt.save(step, metrics=step_eval)
                 last_save_step, last_save_time = step, ctx.now
                 if new_best and s.export.enabled and s.export.on_best and not ctx.preempted:
                     self._export_new_best(step, path, step_eval)
+        self.train_state.add_time(unsaved_seconds)
         if step > start_step and last_save_step != step:
             ckpt.save(step, metrics=eval_metrics or None)
         return step, train_metrics, eval_metrics

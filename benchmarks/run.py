@@ -1,0 +1,412 @@
+"""ckptkit against what users would otherwise write, side by side in one run.
+
+    python benchmarks/run.py [--quick] [--reps 3] [--json out.json] [--only loop,overhead,io,resume]
+
+1. loop      steps/s of a small MLP (64 inputs, batch 64): a hand-written tf.function step in a
+             Python loop, the same with 100 steps fused in one tf.function, Keras fit with
+             steps_per_execution 1 and 100, and the ckptkit Trainer at its defaults and at
+             steps_per_loop=1 (checkpointing on).
+2. overhead  training throughput of a large model (--mb of float32 variables, SGD) saving every
+             few seconds, as a fraction of the same loop without checkpoints: ckptkit async,
+             ckptkit sync, a hand-written loop with tf.train.CheckpointManager.save, Keras fit
+             with ModelCheckpoint(save_weights_only); and the blocking time per save.
+3. io        save and restore of the same variables: ckptkit vs bare tf.train.Checkpoint
+             write/read vs the disk's own sequential write (+fsync) and read of that many bytes.
+4. resume    seconds from process start to the first training step of a resumed run: ckptkit
+             vs a hand-written script restoring with tf.train.CheckpointManager.
+
+Contenders alternate within each repetition; the table shows medians and ratios. ``--quick``
+shrinks every workload to a smoke run (CI runs it to check the script works, not its numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import ckptkit  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# --- workload 1: loop speed ----------------------------------------------------------------
+
+def mlp(hidden=(256, 256), classes=10):
+    return tf.keras.Sequential([tf.keras.Input((64,))]
+                               + [tf.keras.layers.Dense(h, activation="relu") for h in hidden]
+                               + [tf.keras.layers.Dense(classes)])
+
+
+def small_data(batch=64):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4096, 64)).astype("float32")
+    y = rng.integers(0, 10, size=4096).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(4096, seed=0).batch(batch, drop_remainder=True).repeat()
+
+
+def make_step(model, opt):
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def step(batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return step
+
+
+def hand_loop(steps, warmup, fused):
+    model, opt = mlp(), tf.keras.optimizers.Adam(1e-3)
+    it = iter(small_data())
+    step = make_step(model, opt)
+    if fused:
+        @tf.function
+        def run(n):
+            for _ in tf.range(n):
+                loss = step(next(it))
+            return loss
+        run(tf.constant(warmup)).numpy()
+        t0 = time.perf_counter()
+        for _ in range(steps // 100):
+            run(tf.constant(100))
+        run(tf.constant(1)).numpy()
+        return (steps // 100 * 100 + 1) / (time.perf_counter() - t0)
+    one = tf.function(lambda: step(next(it)))
+    for _ in range(warmup):
+        one()
+    one().numpy()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = one()
+    loss.numpy()
+    return steps / (time.perf_counter() - t0)
+
+
+def keras_fit(steps, warmup, spe):
+    model = mlp()
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=spe)
+    ds = small_data()
+    model.fit(ds, steps_per_epoch=max(warmup, spe), epochs=1, verbose=0)
+    t0 = time.perf_counter()
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+    return steps / (time.perf_counter() - t0)
+
+
+class MLPTrainer(ckptkit.Trainer):
+    def build_model(self):
+        return mlp()
+
+    def build_optimizer(self):
+        return tf.keras.optimizers.Adam(1e-3)
+
+    def train_dataset(self):
+        return small_data()
+
+    def train_step(self, batch):
+        return {"loss": make_step(self.model, self.optimizer)(batch)}
+
+
+def timed_fit(trainer: ckptkit.Trainer, warmup: int) -> float:
+    """Steps/s of fit() from the first loop call that passes ``warmup`` to the end of the
+    loop: everything between loop calls (logging, policies, saves) counts."""
+    trainer.build()
+    inner, marks = trainer._train_fn, []
+
+    def timed(n):
+        out = inner(n)
+        out["loss"].numpy()
+        marks.append((time.perf_counter(), int(trainer.global_step.numpy())))
+        return out
+
+    trainer._train_fn = timed
+    trainer.fit()
+    start = next(m for m in marks if m[1] >= warmup)
+    return (marks[-1][1] - start[1]) / (marks[-1][0] - start[0])
+
+
+def ckptkit_loop(steps, warmup, steps_per_loop, tmp):
+    cfg = {"name": "bench", "run_dir": tempfile.mkdtemp(dir=tmp),
+           "trainer": {"max_steps": warmup + steps, "steps_per_loop": steps_per_loop,
+                       "eval_every_steps": None, "log_every_steps": 1000, "progress": "log"},
+           "checkpoint": {"save_every_steps": 1000}, "export": {"enabled": False}}
+    return timed_fit(MLPTrainer(cfg), warmup)
+
+
+def bench_loop(args, tmp):
+    steps = 300 if args.quick else 3000
+    warmup = 100
+    contenders = {
+        "hand-written step, Python loop": lambda: hand_loop(steps, warmup, fused=False),
+        "hand-written, 100 steps fused": lambda: hand_loop(steps, warmup, fused=True),
+        "Keras fit, steps_per_execution=1": lambda: keras_fit(steps, warmup, 1),
+        "Keras fit, steps_per_execution=100": lambda: keras_fit(steps, warmup, 100),
+        "ckptkit Trainer, defaults (100/loop)": lambda: ckptkit_loop(steps, warmup, 100, tmp),
+        "ckptkit Trainer, steps_per_loop=1": lambda: ckptkit_loop(steps, warmup, 1, tmp),
+    }
+    return run_alternating(contenders, args.reps, "steps/s")
+
+
+# --- workload 2: checkpoint overhead --------------------------------------------------------
+
+def big_model(mb):
+    width = int((mb * 2**20 / 4 / 4) ** 0.5)  # four square layers of float32
+    return tf.keras.Sequential([tf.keras.Input((width,))]
+                               + [tf.keras.layers.Dense(width, use_bias=False) for _ in range(4)]), width
+
+
+def big_data(width):
+    x = tf.random.stateless_normal([8, width], seed=[1, 2])
+    return tf.data.Dataset.from_tensors((x, x)).repeat()
+
+
+class BigTrainer(ckptkit.Trainer):
+    def build_model(self):
+        return big_model(self.cfg.bench.mb)[0]
+
+    def build_optimizer(self):
+        return tf.keras.optimizers.SGD(1e-6)
+
+    def train_dataset(self):
+        return big_data(self.cfg.bench.width)
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self.model(x) - y))
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        return {"loss": loss}
+
+
+def overhead_ckptkit(steps, warmup, save_every, mb, width, tmp, mode):
+    cfg = {"name": "bench", "run_dir": tempfile.mkdtemp(dir=tmp),
+           "trainer": {"max_steps": warmup + steps, "steps_per_loop": 10,
+                       "eval_every_steps": None, "log_every_steps": 10_000, "progress": "log"},
+           "checkpoint": {"save_every_steps": save_every if mode != "none" else None,
+                          "async_save": mode == "async", "max_to_keep": 2},
+           "export": {"enabled": False}, "bench": {"mb": mb, "width": width}}
+    trainer = BigTrainer(cfg)  # "none": no periodic save; the final one comes after the timing
+    rate = timed_fit(trainer, warmup)
+    if mode == "none":
+        return rate, float("nan")
+    blocking = [c.blocking_seconds for c in trainer.checkpointer.checkpoints
+                if c.blocking_seconds and c.step < warmup + steps]  # not the final save
+    return rate, (statistics.median(blocking) if blocking else float("nan"))
+
+
+def overhead_manager(steps, warmup, save_every, mb, tmp):
+    model, width = big_model(mb)
+    opt = tf.keras.optimizers.SGD(1e-6)
+    it = iter(big_data(width))
+
+    @tf.function
+    def run(n):
+        for _ in tf.range(n):
+            x, y = next(it)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x) - y))
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, optimizer=opt),
+                                         tempfile.mkdtemp(dir=tmp), max_to_keep=2)
+    run(tf.constant(warmup)).numpy()
+    blocks = []
+    t0 = time.perf_counter()
+    for done in range(10, steps + 1, 10):
+        run(tf.constant(10)).numpy()
+        if done % save_every == 0:
+            b0 = time.perf_counter()
+            manager.save(checkpoint_number=done)
+            blocks.append(time.perf_counter() - b0)
+    return steps / (time.perf_counter() - t0), statistics.median(blocks) if blocks else 0.0
+
+
+def overhead_keras(steps, warmup, save_every, mb, tmp):
+    model, width = big_model(mb)
+    model.compile(optimizer=tf.keras.optimizers.SGD(1e-6), loss="mse", steps_per_execution=10)
+    ds = big_data(width)
+    model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0)
+    path = os.path.join(tempfile.mkdtemp(dir=tmp), "w.weights.h5")
+    cb = tf.keras.callbacks.ModelCheckpoint(path, save_weights_only=True, save_freq=save_every)
+    t0 = time.perf_counter()
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[cb])
+    return steps / (time.perf_counter() - t0), float("nan")
+
+
+def bench_overhead(args, tmp):
+    mb = 16 if args.quick else args.mb
+    steps, warmup, save_every = (40, 10, 20) if args.quick else (300, 20, 50)
+    width = big_model(mb)[1]
+    contenders = {
+        "no checkpointing": lambda: overhead_ckptkit(steps, warmup, save_every, mb, width, tmp, "none"),
+        "ckptkit async": lambda: overhead_ckptkit(steps, warmup, save_every, mb, width, tmp, "async"),
+        "ckptkit sync": lambda: overhead_ckptkit(steps, warmup, save_every, mb, width, tmp, "sync"),
+        "hand loop + CheckpointManager.save": lambda: overhead_manager(steps, warmup, save_every, mb, tmp),
+        "Keras fit + ModelCheckpoint(weights)": lambda: overhead_keras(steps, warmup, save_every, mb, tmp),
+    }
+    return run_alternating(contenders, args.reps, "steps/s", extra="blocking s/save")
+
+
+# --- workload 3: save and restore throughput ------------------------------------------------
+
+def bench_io(args, tmp):
+    mb = 16 if args.quick else args.mb
+    n = mb * 2**20 // 4 // 8
+    variables = [tf.Variable(tf.random.normal([n])) for _ in range(8)]
+    nbytes = sum(v.numpy().nbytes for v in variables)
+    bare = tf.train.Checkpoint(v=variables)
+    kit = ckptkit.Checkpointer(tempfile.mkdtemp(dir=tmp), async_save=False, max_to_keep=1, v=variables)
+    payload = os.urandom(1 << 20)
+    counter = iter(range(1, 10_000))
+
+    def bare_write():
+        t0 = time.perf_counter()
+        bare.write(os.path.join(tmp, "bare", "ckpt"))
+        return nbytes / (time.perf_counter() - t0) / 2**20
+
+    def bare_read():
+        t0 = time.perf_counter()
+        bare.read(os.path.join(tmp, "bare", "ckpt")).assert_consumed()
+        return nbytes / (time.perf_counter() - t0) / 2**20
+
+    def kit_write():
+        t0 = time.perf_counter()
+        kit.save(next(counter))
+        kit.wait()
+        return nbytes / (time.perf_counter() - t0) / 2**20
+
+    def kit_read():
+        t0 = time.perf_counter()
+        kit.restore_latest(assert_consumed=True)
+        return nbytes / (time.perf_counter() - t0) / 2**20
+
+    def disk_write():
+        path = os.path.join(tmp, "disk.bin")
+        t0 = time.perf_counter()
+        with open(path, "wb") as f:
+            for _ in range(nbytes >> 20):
+                f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        return nbytes / (time.perf_counter() - t0) / 2**20
+
+    def disk_read():
+        t0 = time.perf_counter()
+        with open(os.path.join(tmp, "disk.bin"), "rb") as f:
+            while f.read(8 << 20):
+                pass
+        return nbytes / (time.perf_counter() - t0) / 2**20
+
+    bare_write(), kit_write()  # warm-up: the first save traces
+    contenders = {"disk write+fsync": disk_write, "bare Checkpoint.write": bare_write,
+                  "ckptkit save (sync, wait)": kit_write, "disk read": disk_read,
+                  "bare Checkpoint.read": bare_read, "ckptkit restore": kit_read}
+    return run_alternating(contenders, max(args.reps, 3), "MB/s")
+
+
+# --- workload 4: resume latency ---------------------------------------------------------------
+
+def bench_resume(args, tmp):
+    run_dir = tempfile.mkdtemp(dir=tmp)
+    script = os.path.join(HERE, "resume_child.py")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    for kind in ("ckptkit", "manager"):  # first launch: train a little and save
+        subprocess.run([sys.executable, script, kind, run_dir, "first"], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def launch(kind):
+        def go():
+            t0 = time.time()
+            out = subprocess.run([sys.executable, script, kind, run_dir, "resume"], env=env, check=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
+            first_step = float([l for l in out.splitlines() if l.startswith("FIRST_STEP ")][-1].split()[1])
+            return first_step - t0
+        return go
+
+    return run_alternating({"hand-written CheckpointManager restore": launch("manager"),
+                            "ckptkit Trainer resume": launch("ckptkit")}, args.reps, "s to 1st step")
+
+
+# --- harness ----------------------------------------------------------------------------------
+
+def run_alternating(contenders, reps, unit, extra=None):
+    results = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            results[name].append(fn())
+    return {"unit": unit, "extra": extra, "runs": results}
+
+
+def medians(values):
+    if isinstance(values[0], tuple):
+        return statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)
+    return statistics.median(values), None
+
+
+def print_table(title, data, baseline):
+    print(f"\n{title}  (median of {len(next(iter(data['runs'].values())))}; ratio vs {baseline!r})")
+    base, _ = medians(data["runs"][baseline])
+    header = f"  {'contender':40} {data['unit']:>14} {'ratio':>7}"
+    if data["extra"]:
+        header += f" {data['extra']:>16}"
+    print(header)
+    for name, values in data["runs"].items():
+        value, extra = medians(values)
+        line = f"  {name:40} {value:14.3f} {value / base:7.3f}"
+        if data["extra"]:
+            line += f" {extra:16.4f}"
+        print(line)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny workloads, 1 repetition (smoke run)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--mb", type=int, default=256, help="size of the large model's variables")
+    parser.add_argument("--only", default="loop,overhead,io,resume")
+    parser.add_argument("--json", help="write the raw figures here")
+    args = parser.parse_args()
+    if args.quick:
+        args.reps = 1
+    wanted = args.only.split(",")
+    out = {"machine": {"cpus": os.cpu_count(), "tensorflow": tf.__version__}, "args": vars(args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "loop" in wanted:
+            out["loop"] = bench_loop(args, tmp)
+            print_table("1. loop speed, small MLP", out["loop"], "hand-written, 100 steps fused")
+        if "overhead" in wanted:
+            out["overhead"] = bench_overhead(args, tmp)
+            print_table(f"2. checkpoint overhead, {16 if args.quick else args.mb} MB model",
+                        out["overhead"], "no checkpointing")
+        if "io" in wanted:
+            out["io"] = bench_io(args, tmp)
+            print_table(f"3. save/restore throughput, {16 if args.quick else args.mb} MB",
+                        out["io"], "bare Checkpoint.write")
+        if "resume" in wanted:
+            out["resume"] = bench_resume(args, tmp)
+            print_table("4. resume latency", out["resume"], "hand-written CheckpointManager restore")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

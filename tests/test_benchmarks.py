@@ -1,0 +1,25 @@
+"""The benchmark script runs end to end (its numbers are for people, not for this test)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_benchmarks_quick_smoke_run(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--quick",
+                           "--json", str(out)], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for title in ("1. loop speed", "2. checkpoint overhead", "3. save/restore throughput", "4. resume latency"):
+        assert title in proc.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures) >= {"loop", "overhead", "io", "resume"}
+    assert all(v > 0 for runs in figures["loop"]["runs"].values() for v in runs)
