@@ -64,9 +64,13 @@ class TrainLoop:
         self._many = tf.function(many)
         self._lengths: Dict[int, tf.Tensor] = {}
 
-    def trace(self) -> None:
-        """Trace the loop now: this creates every variable the step creates lazily."""
-        self._many.get_concrete_function(tf.TensorSpec([], tf.int32))
+    def trace(self, steps_per_loop: int) -> None:
+        """Trace the function the run will call (the single step for ``steps_per_loop=1``)
+        now: this creates every variable the step creates lazily."""
+        if steps_per_loop == 1:
+            self._one.get_concrete_function()
+        else:
+            self._many.get_concrete_function(tf.TensorSpec([], tf.int32))
 
     def __call__(self, n: int) -> Dict[str, tf.Tensor]:
         if n == 1:

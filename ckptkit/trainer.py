@@ -210,7 +210,7 @@ class Trainer:
         )
         self._train_fn = loop_lib.TrainLoop(self.train_step, self.global_step, self._iterator,
                                             self._watch.flag)
-        self._train_fn.trace()
+        self._train_fn.trace(s.trainer.steps_per_loop)
         hidden = unreachable_variables(self.model)
         if hidden:
             raise CheckpointMismatchError(
