@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from ckptkit.errors import ExportError
 from ckptkit.metadata import atomic_write_text
+from ckptkit.runlock import pid_alive
 
 log = logging.getLogger("ckptkit")
 
@@ -92,23 +93,13 @@ def _with_named_outputs(fn: Callable) -> Callable:
     return named
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_temporaries(export_dir: str) -> None:
     """Remove ``.tmp-<version>-<pid>`` directories left by exports killed on this host."""
     for name in tf.io.gfile.listdir(export_dir):
         name = name.rstrip("/")
         parts = name.split("-")
         if len(parts) == 3 and parts[0] == ".tmp" and parts[2].isdigit():
-            if not _pid_alive(int(parts[2])):
+            if not pid_alive(int(parts[2])):
                 tf.io.gfile.rmtree(os.path.join(export_dir, name))
                 log.info("removed %s, left by an interrupted export", os.path.join(export_dir, name))
 

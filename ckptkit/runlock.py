@@ -30,7 +30,8 @@ class RunLockedError(CkptkitError, RuntimeError):
     """Another process is training in the same run directory."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -69,7 +70,7 @@ class RunLock:
                 other = self._read()
                 if other is None:
                     continue  # released meanwhile: try again
-                if other and other.get("host") == me["host"] and not _alive(int(other.get("pid", -1))):
+                if other and other.get("host") == me["host"] and not pid_alive(int(other.get("pid", -1))):
                     log.warning("taking over the lock %s of process %s, which no longer runs",
                                 self.path, other.get("pid"))
                     os.remove(self.path)

@@ -122,6 +122,11 @@ def make_cfg(run_dir, **overrides):
     return OmegaConf.to_container(cfg)
 
 
+def steps_on_disk(directory):
+    """The steps of the complete checkpoints (``ckpt-<step>.index``) in ``directory``."""
+    return sorted(int(f[5:-6]) for f in os.listdir(directory) if f.startswith("ckpt-") and f.endswith(".index"))
+
+
 def values(variables):
     return [np.array(v.numpy()) for v in variables]
 

@@ -10,15 +10,13 @@ import tensorflow as tf
 import ckptkit
 from ckptkit import metadata
 
-from conftest import KerasListNet, KerasNet, Net, values
+from conftest import KerasListNet, KerasNet, Net, steps_on_disk, values
 
 
 def _files(directory):
     return sorted(f for f in os.listdir(directory) if f.startswith("ckpt-"))
 
 
-def _steps_on_disk(directory):
-    return sorted(int(f[5:-6]) for f in os.listdir(directory) if f.startswith("ckpt-") and f.endswith(".index"))
 
 
 @pytest.mark.parametrize("async_save", [False, True])
@@ -33,7 +31,7 @@ def test_newest_two_plus_best_survive(tmp_path, async_save):
         step.assign(s)
         ckpt.save(s, metrics={"loss": loss})
     ckpt.wait()
-    assert _steps_on_disk(d) == [10, 25, 30]
+    assert steps_on_disk(d) == [10, 25, 30]
     doc = json.load(open(os.path.join(d, metadata.METADATA_FILE)))
     assert [c["step"] for c in doc["checkpoints"]] == [10, 25, 30]
     assert doc["best"] == [10] and doc["latest"] == 30
@@ -57,7 +55,7 @@ def test_best_survives_a_restart(tmp_path):
     assert again.best.step == 1
     for s in (3, 4, 5):
         again.save(s, {"acc": 0.1})
-    assert _steps_on_disk(d) == [1, 5]
+    assert steps_on_disk(d) == [1, 5]
     assert again.restore_best() == 1
 
 
@@ -97,7 +95,7 @@ def test_keras_model_async_saves_twice_and_restores_exactly(tmp_path):
         ckpt.save(s)
     ckpt.wait()
     want = values(model.variables)
-    assert _steps_on_disk(d) == [1, 2, 3]
+    assert steps_on_disk(d) == [1, 2, 3]
     model2 = KerasNet()
     model2(tf.zeros([1, 4]))
     restored = ckptkit.Checkpointer(d, model=model2, optimizer=tf.keras.optimizers.Adam(0.1))
@@ -166,13 +164,13 @@ def test_write_error_is_raised_with_the_path(tmp_path, async_save):
     with pytest.raises(ckptkit.CheckpointSaveError, match="ckpt-2"):
         ckpt.save(2)
         ckpt.wait()
-    assert _steps_on_disk(str(d)) == [1]
+    assert steps_on_disk(str(d)) == [1]
     assert [c.step for c in ckpt.checkpoints] == [1]
     assert tf.train.latest_checkpoint(str(d)).endswith("ckpt-1")
     (d / "ckpt-2_temp").unlink()
     ckpt.save(3)  # the checkpointer is usable again
     ckpt.wait()
-    assert _steps_on_disk(str(d)) == [1, 3]
+    assert steps_on_disk(str(d)) == [1, 3]
 
 
 def test_constructor_rejects_bad_arguments(tmp_path):
@@ -257,7 +255,7 @@ def test_twenty_saves_keep_newest_three_and_best_two(tmp_path):
     ckpt.wait()
     finite = sorted((v, s) for s, v in losses.items() if not np.isnan(v))
     expected = {18, 19, 20} | {s for _, s in finite[:2]}
-    assert set(_steps_on_disk(d)) == expected
+    assert set(steps_on_disk(d)) == expected
     doc = json.load(open(os.path.join(d, metadata.METADATA_FILE)))
     assert {c["step"] for c in doc["checkpoints"]} == expected
     assert doc["best"] == [s for _, s in finite[:2]]

@@ -19,11 +19,9 @@ from ckptkit import metadata
 from ckptkit.policies import KeepAny, KeepBest, KeepNewest
 from ckptkit.runlock import LOCK_FILE
 
-from conftest import Net, ToyTrainer, make_cfg
+from conftest import Net, ToyTrainer, make_cfg, steps_on_disk
 
 
-def _steps_on_disk(directory):
-    return sorted(int(f[5:-6]) for f in os.listdir(directory) if f.startswith("ckpt-") and f.endswith(".index"))
 
 
 @contextlib.contextmanager
@@ -54,7 +52,7 @@ def test_full_disk_fails_clearly_loses_nothing_and_resumes(tmp_path, async_save)
         message = str(err.value)
         assert str(small / "ckpts") in message and "is full" in message and "bytes free" in message
         ckpts = small / "ckpts"
-        on_disk = _steps_on_disk(ckpts)
+        on_disk = steps_on_disk(ckpts)
         assert on_disk and on_disk == [5 * (i + 1) for i in range(len(on_disk))]
         listed = [c["step"] for c in json.loads((ckpts / "metadata.json").read_text())["checkpoints"]]
         assert listed == on_disk  # the metadata describes exactly the files on disk
@@ -93,7 +91,7 @@ def test_only_its_own_files_are_ever_touched(tmp_path, caplog):
     assert {p.name: (p.read_text(), p.stat().st_mtime_ns) for p in outside.iterdir()} == before
     assert os.path.islink(ckpts / "ckpt-3.index")
     assert all((ckpts / n).read_text() == "mine" for n in ("notes.txt", "ckpt-best.txt", "ckpt-7.index.bak"))
-    assert _steps_on_disk(ckpts) == [3, 20]  # ckpt-3 is the refused link, left alone
+    assert steps_on_disk(ckpts) == [3, 20]  # ckpt-3 is the refused link, left alone
 
 
 def test_bookkeeping_is_flushed_after_the_data(tmp_path, monkeypatch):
@@ -173,7 +171,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                                         "checkpoint.save_every_steps": 5, "trainer.eval_every_steps": None})
     with pytest.raises(FloatingPointError, match="non-finite train metrics at step 15"):
         Exploding(cfg).fit()
-    assert _steps_on_disk(tmp_path / "run" / "checkpoints") == [5, 10]
+    assert steps_on_disk(tmp_path / "run" / "checkpoints") == [5, 10]
 
 
 # --- retention as a property --------------------------------------------------------------
@@ -216,7 +214,7 @@ def test_retention_property(tmp_path_factory, actions, max_to_keep, best_keep):
                                                    None if v is None else {"m": v}) for s, v in recorded.items()])
         recorded = {s: v for s, v in recorded.items() if s in kept}
         if recorded:
-            assert _steps_on_disk(d) == sorted(kept)
+            assert steps_on_disk(d) == sorted(kept)
             listed = json.loads((d / "metadata.json").read_text())["checkpoints"]
             assert [c["step"] for c in listed] == sorted(kept)
         finite = [(v, s) for s, v in recorded.items() if v is not None and not np.isnan(v)]

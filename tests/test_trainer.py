@@ -8,11 +8,9 @@ import tensorflow as tf
 
 import ckptkit
 
-from conftest import ToyTrainer, values
+from conftest import ToyTrainer, steps_on_disk, values
 
 
-def _steps_on_disk(directory):
-    return sorted(int(f[5:-6]) for f in os.listdir(directory) if f.startswith("ckpt-") and f.endswith(".index"))
 
 
 @pytest.mark.parametrize("kind", ["module", "keras", "keras_list"])
@@ -67,7 +65,7 @@ def test_newest_two_plus_best_are_kept(toy_cfg):
     })
     result = ToyTrainer(cfg).fit()
     ckpt_dir = os.path.join(cfg["run_dir"], "checkpoints")
-    assert _steps_on_disk(ckpt_dir) == [10, 25, 30]
+    assert steps_on_disk(ckpt_dir) == [10, 25, 30]
     assert result.best_step == 10 and result.best_metric == 0.0
     assert result.best_checkpoint.endswith("ckpt-10")
 
@@ -80,7 +78,7 @@ def test_best_save_happens_between_periodic_saves(toy_cfg):
         "data.score_peak": 15,
     })
     ToyTrainer(cfg).fit()
-    assert _steps_on_disk(os.path.join(cfg["run_dir"], "checkpoints")) == [15, 20]
+    assert steps_on_disk(os.path.join(cfg["run_dir"], "checkpoints")) == [15, 20]
 
 
 def test_warm_start_restores_backbone_and_keeps_new_head_fresh(tmp_path, caplog):
@@ -155,7 +153,7 @@ def test_resume_never_moves_old_checkpoints_aside(toy_cfg, tmp_path):
     assert result.resumed_from is None and result.steps_run == 5
     moved = [d for d in os.listdir(tmp_path / "run") if d.startswith("checkpoints-moved-")]
     assert len(moved) == 1
-    assert _steps_on_disk(str(tmp_path / "run" / moved[0])) == [5]
+    assert steps_on_disk(str(tmp_path / "run" / moved[0])) == [5]
 
 
 def test_best_metric_missing_from_eval_names_the_available_ones(toy_cfg):
@@ -239,14 +237,14 @@ def test_wall_clock_saves_with_a_fake_clock(toy_cfg):
                      "checkpoint.save_every_seconds": 25, "checkpoint.max_to_keep": None})
     Timed(cfg).fit()
     # One clock read at the start and one per 5-step loop: 10 s per loop, a save every 3rd.
-    assert _steps_on_disk(os.path.join(cfg["run_dir"], "checkpoints")) == [15, 30, 40]
+    assert steps_on_disk(os.path.join(cfg["run_dir"], "checkpoints")) == [15, 30, 40]
 
 
 def test_save_at_specific_steps(toy_cfg):
     cfg = toy_cfg(**{"trainer.max_steps": 20, "checkpoint.save_every_steps": None,
                      "checkpoint.save_at_steps": [3, 11], "checkpoint.max_to_keep": None})
     ToyTrainer(cfg).fit()
-    assert _steps_on_disk(os.path.join(cfg["run_dir"], "checkpoints")) == [3, 11, 20]
+    assert steps_on_disk(os.path.join(cfg["run_dir"], "checkpoints")) == [3, 11, 20]
 
 
 def _events(directory):
