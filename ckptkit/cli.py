@@ -189,7 +189,7 @@ def cmd_diff(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckptkit",
-        description="Inspect the checkpoints of ckptkit runs.",
+        description="Inspect, verify and export the checkpoints of ckptkit runs.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
