@@ -27,7 +27,7 @@ from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
 from ckptkit.config import RunConfig, load_config
-from ckptkit.errors import CheckpointMismatchError, CheckpointSaveError, CkptkitError, ConfigError, ExportError
+from ckptkit.errors import CheckpointMismatchError, CheckpointSaveError, ConfigError, ExportError
 from ckptkit.policies import (
     AnySave,
     CheckpointInfo,
@@ -299,11 +299,7 @@ class Trainer:
         _ensure_logging()
         try:
             lock = RunLock(self.run_dir).acquire()
-        except PermissionError as exc:
-            raise CheckpointSaveError(f"cannot write to the run directory {self.run_dir}: {exc}") from exc
-        except OSError as exc:
-            if isinstance(exc, CkptkitError):
-                raise
+        except OSError as exc:  # read-only, not a directory, no permission
             raise CheckpointSaveError(f"cannot write to the run directory {self.run_dir}: {exc}") from exc
         try:
             return self._fit()
