@@ -50,6 +50,12 @@ def checkpoint_dir_of(path: str) -> str:
     raise FileNotFoundError(f"no checkpoints in {path} (looked for ckpt-*.index in {' and '.join(candidates)})")
 
 
+def _table(rows) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
 def cmd_ls(args) -> int:
     from ckptkit import metadata
 
@@ -65,11 +71,9 @@ def cmd_ls(args) -> int:
                            for k, v in sorted((c.metrics or {}).items())) or "-"
         marks = ",".join(m for m, on in (("latest", c.step == latest), ("best", c.step in best)) if on)
         rows.append((str(c.step), when, _human(c.size), metrics, marks or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"{directory}: {len(ckpts)} checkpoint(s)"
           + (f", best by {doc.get('best_metric')} ({doc.get('best_mode')})" if doc.get("best_metric") else ""))
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    _table(rows)
     return 0
 
 
@@ -139,12 +143,6 @@ def cmd_verify(args) -> int:
     print(f"{prefix}: checkpoint OK, {len(dtypes) - opaque} tensors read ({total} bytes)"
           + (f", {opaque} data-iterator state(s) present" if opaque else ""))
     return 0
-
-
-def _table(rows) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
 
 
 def cmd_inspect(args) -> int:

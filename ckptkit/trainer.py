@@ -355,7 +355,7 @@ class Trainer:
         return FitResult(
             step=step,
             metrics=dict(eval_metrics or train_metrics),
-            best_metric=None if best is None else float(best.metrics[s.checkpoint.best.metric]),
+            best_metric=self.checkpointer.best_value(),
             best_step=None if best is None else best.step,
             best_checkpoint=None if best is None else best.path,
             export_path=export_path,
@@ -383,8 +383,6 @@ class Trainer:
                               f"{metric!r} is not among the eval metrics ({', '.join(sorted(step_eval))})")
         value = step_eval[metric]
         best_value, _ = self.train_state.best()
-        if best_value is None and self.checkpointer.best is not None:  # checkpoints of ckptkit < 0.1
-            best_value = self.checkpointer.best_value()
         if not np.isfinite(value) or not is_better(value, best_value, mode):
             return False
         log.info("new best %s=%.6g at step %d (was %s)", metric, value, step,
