@@ -72,6 +72,7 @@ class Checkpointer:
         best_keep: int = 1,
         keep_every_n_hours: Optional[float] = None,
         async_save: bool = True,
+        worker_dir: Optional[str] = None,
         **trackables,
     ):
         if max_to_keep is not None and max_to_keep < 1:
@@ -83,6 +84,14 @@ class Checkpointer:
         if not trackables:
             raise ValueError("Checkpointer needs at least one trackable, e.g. model=my_model.")
         self.directory = str(directory)
+        # A non-chief worker of a multi-worker run takes part in every save (TensorFlow's
+        # rule: all workers save) but writes into worker_dir, removed after each save; it
+        # reads the chief's checkpoints in `directory` and writes nothing there.
+        self.worker_dir = None if worker_dir is None else str(worker_dir)
+        self._worker_saved: set = set()
+        if self.worker_dir and tf.io.gfile.exists(self.worker_dir):
+            log.info("removing %s, left by an earlier launch of this worker", self.worker_dir)
+            tf.io.gfile.rmtree(self.worker_dir)
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.async_save = async_save
@@ -142,6 +151,11 @@ class Checkpointer:
         ranked = rank_best(self.checkpoints, self.best_metric, self.best_mode)
         return ranked[0] if ranked else None
 
+    def _forget_existing(self) -> None:
+        """A worker's view when the chief starts over (``checkpoint.resume=never``)."""
+        with self._lock:
+            self._records.clear()
+
     def best_value(self) -> Optional[float]:
         b = self.best
         return None if b is None else float(b.metrics[self.best_metric])
@@ -157,6 +171,8 @@ class Checkpointer:
         """
         step = int(step)
         self._raise_background_error()
+        if self.worker_dir:
+            return self._save_as_worker(step)
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         prefix = metadata.checkpoint_prefix(self.directory, step)
         with self._lock:
@@ -204,6 +220,39 @@ class Checkpointer:
         if not self.async_save:
             self._raise_background_error()
         return prefix
+
+    def _save_as_worker(self, step: int) -> str:
+        """A non-chief worker's part in the save of ``step``; returns the chief's path."""
+        chief_path = metadata.checkpoint_prefix(self.directory, step)
+        with self._lock:
+            known = step in self._records
+        if known or step in self._worker_saved:  # the chief skips this save too
+            return chief_path
+        self._worker_saved.add(step)
+        tf.io.gfile.makedirs(self.worker_dir)
+        if self._iterators:
+            self._checkpoint.sync()
+            for it in self._iterators:
+                it.snapshot()
+        options = tf.train.CheckpointOptions(
+            enable_async=self.async_save,
+            experimental_write_callbacks=[lambda _path: self._discard_worker_dir()])
+        prefix = metadata.checkpoint_prefix(self.worker_dir, step)
+        try:
+            self._checkpoint.write(prefix, options=options)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path named
+            raise CheckpointSaveError(
+                f"this worker's part of checkpoint {chief_path} failed writing {prefix}: "
+                f"{self._failure(prefix, exc)}") from exc
+        return chief_path
+
+    def _discard_worker_dir(self) -> None:
+        try:
+            if tf.io.gfile.exists(self.worker_dir):
+                tf.io.gfile.rmtree(self.worker_dir)
+        except Exception as exc:  # noqa: BLE001 - surfaced in the training thread
+            self._background_error = CheckpointSaveError(
+                f"cannot remove this worker's temporary checkpoint directory {self.worker_dir}: {exc}")
 
     def _failure(self, prefix: str, exc: object) -> str:
         """What went wrong writing ``prefix``, with the space situation when the disk is full."""

@@ -128,6 +128,9 @@ class ExportConfig:
 @dataclass
 class StrategyConfig:
     kind: StrategyKind = StrategyKind.default
+    # Split the CPU into this many logical devices (mirrored without GPUs: several replicas
+    # on one machine, e.g. to try a strategy on a laptop). null: one CPU device.
+    cpu_devices: Optional[int] = None
 
 
 @dataclass
@@ -262,8 +265,7 @@ def validate(run: RunConfig) -> RunConfig:
     _one_of("export.from", e.from_, EXPORT_FROM)
     _positive("export.max_to_keep", e.max_to_keep, allow_none=True, integer=True)
     _one_of("strategy.kind", run.strategy.kind, STRATEGY_KINDS)
-    if run.strategy.kind != "default":
-        raise ConfigError("strategy.kind", f"{run.strategy.kind!r} is not supported yet; use default")
+    _positive("strategy.cpu_devices", run.strategy.cpu_devices, allow_none=True, integer=True)
     if not run.run_dir:
         raise ConfigError("run_dir", "must not be empty")
     if not c.dir:

@@ -67,3 +67,11 @@ class IteratorCheckpoint(_Trackable):
 
 def is_dataset_iterator(obj) -> bool:
     return isinstance(obj, tf.data.Iterator) and hasattr(obj, "_serialize_to_tensors")
+
+
+def peek(iterator):
+    """The next element of a ``tf.data`` iterator, leaving the iterator where it was."""
+    state = iterator._serialize_to_tensors()
+    element = next(iterator)
+    iterator._restore_from_tensors(state)
+    return element

@@ -39,12 +39,21 @@ class TrainLoop:
     ends after the step in progress; ``global_step`` tells how many steps ran. The iterator
     is captured, not passed: matching an iterator argument against the function's traces
     costs about half a millisecond per call, as much as a small model's whole step.
+
+    Under a strategy (``dist``) each step runs ``train_step`` on every replica's share of
+    the batch and averages the metrics over replicas. With several workers the ``stop``
+    flags of all workers are combined before every step (a small all-reduce), so every
+    worker stops at the same step, also before the first step of a call.
     """
 
     def __init__(self, train_step: Callable, global_step: tf.Variable, iterator,
-                 stop: Optional[tf.Variable] = None):
+                 stop: Optional[tf.Variable] = None, dist=None):
+        def replica_step(batch):
+            return _check_metrics(train_step(batch), "train_step")
+
         def one():
-            out = _check_metrics(train_step(next(iterator)), "train_step")
+            batch = next(iterator)
+            out = replica_step(batch) if dist is None else dist.mean(dist.run(replica_step, batch))
             global_step.assign_add(1)
             return out
 
@@ -60,20 +69,38 @@ class TrainLoop:
             n = tf.cast(done, tf.float32)
             return {k: v / n for k, v in totals.items()}
 
+        def coordinated(num_steps):
+            totals = {k: tf.zeros([], tf.float32) for k in self._metric_names()}
+            done = tf.constant(0)
+            for _ in tf.range(num_steps):
+                if dist.any_true(stop):
+                    break
+                out = one()
+                totals = {k: totals[k] + out[k] for k in totals}
+                done += 1
+            n = tf.cast(tf.maximum(done, 1), tf.float32)
+            return {k: v / n for k, v in totals.items()}
+
+        self._coordinated = dist is not None and dist.multi_worker and stop is not None
         self._one = tf.function(one)
-        self._many = tf.function(many)
+        self._many = tf.function(coordinated if self._coordinated else many)
         self._lengths: Dict[int, tf.Tensor] = {}
+
+    def _metric_names(self):
+        return sorted(self._one.get_concrete_function().structured_outputs)
 
     def trace(self, steps_per_loop: int) -> None:
         """Trace the function the run will call (the single step for ``steps_per_loop=1``)
         now: this creates every variable the step creates lazily."""
-        if steps_per_loop == 1:
+        if self._coordinated:
+            self._metric_names()  # traces the single step first, outside the loop's trace
+        if steps_per_loop == 1 and not self._coordinated:
             self._one.get_concrete_function()
         else:
             self._many.get_concrete_function(tf.TensorSpec([], tf.int32))
 
     def __call__(self, n: int) -> Dict[str, tf.Tensor]:
-        if n == 1:
+        if n == 1 and not self._coordinated:
             return self._one()
         if n not in self._lengths:
             self._lengths[n] = tf.constant(n, tf.int32)
@@ -86,9 +113,20 @@ def batch_size(batch) -> tf.Tensor:
     return shape[0] if first.shape.rank else tf.constant(1)
 
 
-def make_eval_step(eval_step: Callable) -> Callable:
+def make_eval_step(eval_step: Callable, dist=None) -> Callable:
+    """A tf.function: batch -> (metric * rows summed over replicas, rows), in float64."""
+    def replica(batch):
+        metrics = _check_metrics(eval_step(batch), "eval_step")
+        n = batch_size(batch)
+        rows = tf.cast(n, tf.float64)
+        # A replica may get no rows of a short last batch; its means are NaN then.
+        return {k: tf.where(n > 0, tf.cast(v, tf.float64) * rows, 0.0) for k, v in metrics.items()}, rows
+
     def step(batch):
-        return _check_metrics(eval_step(batch), "eval_step"), batch_size(batch)
+        if dist is None:
+            return replica(batch)
+        sums, rows = dist.run(replica, batch)
+        return {k: dist.sum(v) for k, v in sums.items()}, dist.sum(rows)
 
     return tf.function(step)
 
@@ -96,13 +134,12 @@ def make_eval_step(eval_step: Callable) -> Callable:
 def run_eval(eval_fn: Callable, dataset: tf.data.Dataset) -> Dict[str, float]:
     """Mean of each metric over the dataset, weighted by batch size (exact for means)."""
     sums: Dict[str, float] = {}
-    total = 0
+    total = 0.0
     for batch in dataset:
-        metrics, n = eval_fn(batch)
-        n = int(n)
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * n
-        total += n
+        weighted, n = eval_fn(batch)
+        for k, v in weighted.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        total += float(n)
     if total == 0:
         raise ValueError("eval_dataset() yielded no batches")
     return {k: v / total for k, v in sums.items()}

@@ -35,12 +35,14 @@ SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "S
 class Preempted(SystemExit):
     """Raised by ``fit()`` after a signal-triggered save; exits the process with code 75."""
 
-    def __init__(self, signum: int, step: int, path: Optional[str]):
+    def __init__(self, signum: Optional[int], step: int, path: Optional[str]):
         super().__init__(EXIT_PREEMPTED)
         self.signum, self.step, self.path = signum, step, path
 
     def __str__(self) -> str:
-        return (f"stopped by {signal.Signals(self.signum).name} at step {self.step}; "
+        why = (signal.Signals(self.signum).name if self.signum is not None
+               else "another worker's preemption")
+        return (f"stopped by {why} at step {self.step}; "
                 f"saved {self.path}; run the same command again to continue")
 
 

@@ -124,3 +124,22 @@ class SummaryWriters:
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+class NoSummaries:
+    """What a non-chief worker of a multi-worker run writes to TensorBoard: nothing."""
+
+    def resume_at(self, step: int) -> None:
+        pass
+
+    def scalars(self, phase: str, step: int, values: Mapping[str, float]) -> None:
+        pass
+
+    def run_info(self, step: int, config_yaml: str, hparams: Mapping[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

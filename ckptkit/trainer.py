@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
+from ckptkit import distribute
 from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
@@ -44,9 +45,11 @@ from ckptkit.preemption import Preempted, PreemptionWatch
 from ckptkit.progress import Progress
 from ckptkit.resume import config_changes, format_changes, require_checkpoint, restore_newest_readable
 from ckptkit.runinfo import RUN_FILE, read_run_record, write_run_record
+from ckptkit.metadata import checkpoint_prefix as metadata_prefix
 from ckptkit.runlock import RunLock
 from ckptkit.state import TrainState
-from ckptkit.summaries import SummaryWriters, flat_hparams
+from ckptkit.iterator_state import peek
+from ckptkit.summaries import NoSummaries, SummaryWriters, flat_hparams
 from ckptkit.transfer import RestoreReport, restore_optimizer, restore_partial, unreachable_variables
 
 log = logging.getLogger("ckptkit")
@@ -105,6 +108,7 @@ class Trainer:
         self.optimizer = None
         self.global_step: Optional[tf.Variable] = None
         self.strategy: Optional[tf.distribute.Strategy] = None
+        self.distribution: Optional[distribute.Distribution] = None
         self.checkpointer: Optional[Checkpointer] = None
         self.rng: Optional[tf.random.Generator] = None
         self.train_state: Optional[TrainState] = None
@@ -115,6 +119,13 @@ class Trainer:
         self._eval_fn: Optional[Callable] = None
         self._summaries: Optional[SummaryWriters] = None
         self._progress = Progress("log", 0, 0)
+        self._stopped = False  # a worker (this or, with several, any) was preempted
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process writes the run's files (false on the non-chief workers of a
+        multi-worker run, which write nothing to the run directory)."""
+        return self.distribution is None or self.distribution.is_chief
 
     # --- hooks the user overrides --------------------------------------------------------
 
@@ -178,7 +189,8 @@ class Trainer:
         tf.keras.utils.set_random_seed(s.trainer.seed)
         if s.trainer.deterministic:
             tf.config.experimental.enable_op_determinism()
-        self.strategy = tf.distribute.get_strategy()
+        self.distribution = distribute.create(s.strategy)
+        self.strategy = self.distribution.strategy
         with self.strategy.scope():
             self.train_state = TrainState(s.trainer.seed)
             self.rng = self.train_state.rng
@@ -193,6 +205,11 @@ class Trainer:
             ds = ds.repeat()
         self._train_ds = ds
         self._iterator = iter(ds)
+        dist = self.distribution
+        if dist.distributed:
+            dist.create_variables(self.train_step, peek(self._iterator), [
+                self.global_step, self.rng.state, *self.train_state.variables,
+                *self.model.variables, *self.optimizer.variables])
         c = s.checkpoint
         self.checkpointer = Checkpointer(
             c.dir,
@@ -202,6 +219,7 @@ class Trainer:
             best_keep=c.best.keep,
             keep_every_n_hours=c.keep_every_n_hours,
             async_save=c.async_save,
+            worker_dir=None if dist.is_chief else os.path.join(c.dir, f".worker-{dist.task_id}"),
             model=self.model,
             optimizer=self.optimizer,
             global_step=self.global_step,
@@ -209,7 +227,7 @@ class Trainer:
             train_state=self.train_state,
         )
         self._train_fn = loop_lib.TrainLoop(self.train_step, self.global_step, self._iterator,
-                                            self._watch.flag)
+                                            self._watch.flag, dist if dist.distributed else None)
         self._train_fn.trace(s.trainer.steps_per_loop)
         hidden = unreachable_variables(self.model)
         if hidden:
@@ -245,6 +263,8 @@ class Trainer:
 
     def _resume_or_warm_start(self) -> tuple[Optional[int], Optional[RestoreReport]]:
         c = self.settings.checkpoint
+        if c.resume == "never" and self.checkpointer.checkpoints and not self.is_chief:
+            self.checkpointer._forget_existing()  # the chief moves them aside and starts over
         if c.resume == "never" and self.checkpointer.checkpoints:
             moved = f"{c.dir.rstrip('/')}-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}"
             tf.io.gfile.rename(c.dir, moved)
@@ -283,7 +303,8 @@ class Trainer:
 
     def _evaluate(self, eval_ds, step: int) -> Dict[str, float]:
         if self._eval_fn is None:
-            self._eval_fn = loop_lib.make_eval_step(self.eval_step)
+            dist = self.distribution
+            self._eval_fn = loop_lib.make_eval_step(self.eval_step, dist if dist.distributed else None)
         metrics = loop_lib.run_eval(self._eval_fn, eval_ds)
         self._summaries.scalars("eval", step, metrics)
         log.info("eval at step %d: %s", step, _fmt(metrics))
@@ -295,8 +316,14 @@ class Trainer:
         On SIGTERM, SIGINT or SIGUSR1 it saves at the step reached and raises
         :class:`~ckptkit.Preempted` (a SystemExit with code 75). Holds the run directory's
         lock throughout: a second launch on the same run directory is refused.
+
+        With ``strategy.kind=multi_worker`` every worker runs ``fit()``; the chief alone
+        holds the lock and writes the run's files (checkpoints, metadata, logs, export).
         """
         _ensure_logging()
+        self.distribution = distribute.create(self.settings.strategy)
+        if not self.is_chief:
+            return self._fit()
         try:
             lock = RunLock(self.run_dir).acquire()
         except OSError as exc:  # read-only, not a directory, no permission
@@ -316,12 +343,14 @@ class Trainer:
                               f"is {s.trainer.max_steps}, below step {step_now} that the run "
                               f"resumed from ({self.checkpointer.directory}); raise it, or set "
                               "checkpoint.resume=never to start over")
-        write_run_record(self.run_dir, type(self), self.cfg)
+        if self.is_chief:
+            write_run_record(self.run_dir, type(self), self.cfg)
         eval_ds = self.eval_dataset()
         if s.checkpoint.best.metric and eval_ds is None:
             raise ConfigError("checkpoint.best.metric",
                               f"is {s.checkpoint.best.metric!r} but the trainer has no eval_dataset()")
-        self._summaries = SummaryWriters(os.path.join(self.run_dir, "logs"))
+        self._summaries = (SummaryWriters(os.path.join(self.run_dir, "logs")) if self.is_chief
+                           else NoSummaries())
         start_step = int(self.global_step.numpy())
         if resumed_from is not None:
             self._summaries.resume_at(start_step)
@@ -341,13 +370,14 @@ class Trainer:
             self.checkpointer.wait()
             self._log_completed_saves()
             self._summaries.flush()
-        if self._watch.requested:
+        if self._stopped:
             self._summaries.close()
-            latest = self.checkpointer.latest
-            stop = Preempted(self._watch.signum, step, latest.path if latest else None)
+            latest = self.checkpointer.latest  # a worker's list is the chief's at its start
+            stop = Preempted(self._watch.signum, step, latest.path if latest and self.is_chief else
+                             metadata_prefix(self.checkpointer.directory, step))
             log.warning("%s", stop)
             raise stop
-        export_path = self.export() if s.export.enabled else None
+        export_path = self.export() if s.export.enabled and self.is_chief else None
         if export_path and s.export.max_to_keep:
             export_lib.prune_versions(s.export.dir, s.export.max_to_keep)
         self._summaries.close()
@@ -404,12 +434,28 @@ class Trainer:
         last_save_time = self.clock()
         log_start, log_start_step = time.time(), step
         unsaved_seconds = 0.0  # training time not yet added to train_state (done before saves)
-        while step < t.max_steps and not self._watch.requested:
+        # With several workers every decision to stop or save must be the same on all of
+        # them (each save and each step is a collective): the loop combines the workers'
+        # stop flags, and each save decision is agreed on. A worker only learns that another
+        # was preempted from a loop that ran fewer steps than asked.
+        coordinated = self.distribution.multi_worker
+        self._stopped = False
+        while step < t.max_steps and not self._stopped and (coordinated or not self._watch.requested):
             n = self._next_boundary(step) - step
             began = time.time()
             out = self._train_fn(n)
             unsaved_seconds += time.time() - began
-            step = int(self.global_step.numpy()) if self._watch.requested else step + n
+            if coordinated:
+                reached = int(self.global_step.numpy())
+                self._stopped = reached < step + n  # identical on every worker
+                if reached == step:
+                    break  # stopped before its first step; saved below if unsaved
+                step = reached
+            elif self._watch.requested:
+                step = int(self.global_step.numpy())
+                self._stopped = True
+            else:
+                step += n
             final = step >= t.max_steps
             log_due = step % t.log_every_steps == 0 or final
             step_eval = None
@@ -418,8 +464,10 @@ class Trainer:
             new_best = self._check_new_best(step, step_eval)
             ctx = SaveContext(step=step, now=self.clock(), last_save_step=last_save_step,
                               last_save_time=last_save_time, new_best=new_best, final=final,
-                              preempted=self._watch.requested)
+                              preempted=self._stopped)
             save_due = policy.should_save(ctx)
+            if coordinated:
+                save_due = self.distribution.agree(save_due)
             # Metrics leave the device only when something uses them: converting them after
             # every loop call would cost a small model ~10% at steps_per_loop=1. They are
             # always checked before a save, so non-finite weights are never saved.
@@ -443,11 +491,14 @@ class Trainer:
                 unsaved_seconds = 0.0
                 path = ckpt.save(step, metrics=step_eval)
                 last_save_step, last_save_time = step, ctx.now
-                if new_best and s.export.enabled and s.export.on_best and not ctx.preempted:
+                if (new_best and s.export.enabled and s.export.on_best and not ctx.preempted
+                        and self.is_chief):
                     self._export_new_best(step, path, step_eval)
         self.train_state.add_time(unsaved_seconds)
         if step > start_step and last_save_step != step:
             ckpt.save(step, metrics=eval_metrics or None)
+        if not coordinated and self._watch.requested:
+            self._stopped = True  # also when the signal came after the last loop
         return step, train_metrics, eval_metrics
 
     # --- export --------------------------------------------------------------------------

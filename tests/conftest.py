@@ -88,10 +88,11 @@ class ToyTrainer(ckptkit.Trainer):
             x = x + self.rng.normal(tf.shape(x)) * self.cfg.data.noise
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True) if self.cfg.model.kind == "keras_list" else self.model(x)
-            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+            per_example = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            loss = tf.nn.compute_average_loss(per_example)  # the global batch's mean, any strategy
         variables = self.model.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return {"loss": loss}
+        return {"loss": tf.reduce_mean(per_example)}
 
     def eval_step(self, batch):
         x, y = batch

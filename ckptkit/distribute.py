@@ -1,0 +1,216 @@
+"""The distribution strategy of a run (``strategy.kind``) and what ckptkit needs from it.
+
+``default`` is TensorFlow's default strategy (one device), ``mirrored`` a
+``MirroredStrategy`` over this machine's GPUs (or, with ``strategy.cpu_devices=N`` and no
+GPU, over N logical CPU devices), ``multi_worker`` a ``MultiWorkerMirroredStrategy`` over
+the cluster described by ``TF_CONFIG``.
+
+Input: the user's ``train_dataset()`` yields *global* batches, as with
+``strategy.experimental_distribute_dataset``; each replica takes its contiguous share of
+every batch (:meth:`Distribution.split`). ckptkit does not hand the dataset to
+``experimental_distribute_dataset``, because the iterator of a distributed dataset cannot be
+checkpointed (tensorflow/tensorflow#56372) and an exact resume needs the position in the
+data. Every worker runs the same input pipeline (so it must be deterministic: seed its
+shuffle) and keeps its replicas' rows; the iterator is then one ordinary ``tf.data`` iterator
+whose state is the same on all workers and is saved in the chief's checkpoint.
+
+Gradients are summed over replicas by the optimizer, as everywhere in ``tf.distribute``:
+a ``train_step`` scales its loss by the global batch (``tf.nn.compute_average_loss``),
+which under the default strategy is the plain mean. The metrics a ``train_step`` returns
+are averaged over replicas; eval metrics are weighted by each replica's share of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import tensorflow as tf
+
+from ckptkit.config import StrategyConfig
+from ckptkit.errors import ConfigError
+
+log = logging.getLogger("ckptkit")
+
+# A process can configure its devices and collective ops once: strategies are created once
+# per process and settings, and reused by every Trainer in it (e.g. the jobs of a sweep).
+_CACHE: Dict[Tuple[str, Optional[int]], "Distribution"] = {}
+
+
+@dataclasses.dataclass
+class Distribution:
+    kind: str
+    strategy: tf.distribute.Strategy
+    is_chief: bool = True
+    task: str = "chief"  # e.g. "worker 1", for messages and worker directories
+    task_id: int = 0
+    num_workers: int = 1
+
+    @property
+    def num_replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+    @property
+    def distributed(self) -> bool:
+        return self.kind != "default"
+
+    @property
+    def multi_worker(self) -> bool:
+        return self.kind == "multi_worker"
+
+    # --- inside the compiled loops -------------------------------------------------------
+
+    def split(self, batch):
+        """Per-replica values: each replica's contiguous rows of the global ``batch``."""
+        def share(ctx):
+            r, n = ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync
+
+            def rows(t):
+                t = tf.convert_to_tensor(t)
+                if not t.shape.rank:
+                    return t
+                size = tf.shape(t)[0]
+                return t[r * size // n:(r + 1) * size // n]
+
+            return tf.nest.map_structure(rows, batch)
+
+        return self.strategy.experimental_distribute_values_from_function(share)
+
+    def run(self, fn: Callable, batch):
+        """``fn(batch)`` on every replica (its share of ``batch``); per-replica results."""
+        if not self.distributed:
+            return fn(batch)
+        return self.strategy.run(fn, args=(self.split(batch),))
+
+    def mean(self, values: Mapping[str, Any]) -> Dict[str, tf.Tensor]:
+        if not self.distributed:
+            return dict(values)
+        return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                for k, v in values.items()}
+
+    def sum(self, value):
+        if not self.distributed:
+            return value
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+
+    def any_true(self, flag: tf.Variable) -> tf.Tensor:
+        """Whether ``flag`` (a local bool variable) is set on any worker (a collective)."""
+        if not self.multi_worker:
+            return flag.read_value()
+        local = self.strategy.run(lambda: tf.cast(flag.read_value(), tf.int32))
+        return self.sum(local) > 0
+
+    # --- eager helpers -------------------------------------------------------------------
+
+    def agree(self, decision: bool) -> bool:
+        """True on every worker if ``decision`` is true on any (multi-worker); else as is."""
+        if not self.multi_worker:
+            return decision
+        local = self.strategy.run(lambda: tf.constant(int(decision)))
+        return bool(self.sum(local).numpy() > 0)
+
+    def create_variables(self, train_step: Callable, batch, existing) -> None:
+        """Create every variable ``train_step`` creates lazily, without changing any state.
+
+        Under ``MirroredStrategy`` a variable cannot be created on the first call of a
+        ``tf.function`` (Keras optimizer slots fail with "You must feed a value for
+        placeholder tensor"), so one step runs eagerly on ``batch`` first. Afterwards the
+        ``existing`` variables are set back to their values and every variable the step
+        created to its initial value: the train loop is then traced with all variables in
+        place, and training starts from exactly the state it would have had.
+        """
+        before = []
+        seen = set()
+        for v in existing:
+            if id(v) not in seen:
+                seen.add(id(v))
+                before.append((v, v.numpy()))
+        created: List[Tuple[tf.Variable, Any]] = []
+
+        def record(next_creator, **kwargs):
+            v = next_creator(**kwargs)
+            created.append((v, v.numpy()))
+            return v
+
+        with self.strategy.scope(), tf.variable_creator_scope(record):
+            self.run(train_step, batch)
+        for v, value in before + created:
+            v.assign(value)
+
+    def describe(self) -> str:
+        where = f", {self.task} of {self.num_workers} workers" if self.multi_worker else ""
+        return f"{self.kind} strategy: {self.num_replicas} replica(s){where}"
+
+
+def _cpu_devices(n: Optional[int]) -> List[str]:
+    """Split the CPU into ``n`` logical devices (once per process); their names."""
+    cpus = tf.config.list_physical_devices("CPU")
+    if n is not None and n > 1:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+        except RuntimeError as exc:
+            have = len(tf.config.list_logical_devices("CPU"))
+            if have != n:
+                raise ConfigError(
+                    "strategy.cpu_devices",
+                    f"is {n}, but TensorFlow already initialized {have} CPU device(s) in this "
+                    "process; the logical CPU devices must be configured before TensorFlow's "
+                    f"first operation (start a new process) ({exc})") from exc
+    return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+def _task(strategy) -> Tuple[str, int, int, bool]:
+    resolver = strategy.cluster_resolver
+    task_type = getattr(resolver, "task_type", None) or "worker"
+    task_id = int(getattr(resolver, "task_id", None) or 0)
+    try:
+        jobs = resolver.cluster_spec().as_dict()
+    except Exception:  # noqa: BLE001 - no cluster: a single local worker
+        jobs = {}
+    workers = sum(len(v) for k, v in jobs.items() if k in ("chief", "worker")) or 1
+    return task_type, task_id, workers, bool(strategy.extended.should_checkpoint)
+
+
+def create(cfg: StrategyConfig) -> Distribution:
+    """The Distribution for ``cfg``; created once per process and settings."""
+    key = (cfg.kind, cfg.cpu_devices)
+    if key in _CACHE:
+        return _CACHE[key]
+    if cfg.kind == "default":
+        if cfg.cpu_devices and cfg.cpu_devices > 1:
+            _cpu_devices(cfg.cpu_devices)  # harmless, and lets a test compare like with like
+        dist = Distribution("default", tf.distribute.get_strategy())
+    elif cfg.kind == "mirrored":
+        # (listing physical devices does not initialize TensorFlow's devices; logical does)
+        if tf.config.list_physical_devices("GPU"):
+            strategy = tf.distribute.MirroredStrategy()  # every GPU
+        else:
+            strategy = tf.distribute.MirroredStrategy(_cpu_devices(cfg.cpu_devices))
+        dist = Distribution("mirrored", strategy)
+    else:
+        if cfg.cpu_devices and cfg.cpu_devices > 1:
+            _cpu_devices(cfg.cpu_devices)
+        if not os.environ.get("TF_CONFIG"):
+            log.warning("strategy.kind=multi_worker without TF_CONFIG: running as a single worker")
+        else:
+            try:
+                json.loads(os.environ["TF_CONFIG"])
+            except ValueError as exc:
+                raise ConfigError("strategy.kind", f"is multi_worker but TF_CONFIG is not JSON "
+                                  f"({exc}): {os.environ['TF_CONFIG'][:200]}") from exc
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError("strategy.kind", f"cannot create the MultiWorkerMirroredStrategy "
+                              f"(check TF_CONFIG; the strategy must be created before TensorFlow's "
+                              f"first operation in the process): {exc}") from exc
+        task_type, task_id, workers, chief = _task(strategy)
+        dist = Distribution("multi_worker", strategy, is_chief=chief,
+                            task=f"{task_type} {task_id}", task_id=task_id, num_workers=workers)
+    _CACHE[key] = dist
+    log.info("%s", dist.describe())
+    return dist
