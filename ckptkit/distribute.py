@@ -48,6 +48,7 @@ class Distribution:
     task: str = "chief"  # e.g. "worker 1", for messages and worker directories
     task_id: int = 0
     num_workers: int = 1
+    _agree_fn: Optional[Callable] = dataclasses.field(default=None, repr=False)
 
     @property
     def num_replicas(self) -> int:
@@ -109,8 +110,12 @@ class Distribution:
         """True on every worker if ``decision`` is true on any (multi-worker); else as is."""
         if not self.multi_worker:
             return decision
-        local = self.strategy.run(lambda: tf.constant(int(decision)))
-        return bool(self.sum(local).numpy() > 0)
+        if self._agree_fn is None:
+            def any_worker(flag):
+                return self.sum(self.strategy.run(lambda: flag)) > 0
+
+            self._agree_fn = tf.function(any_worker)  # eager collectives are slow and warn
+        return bool(self._agree_fn(tf.constant(int(decision))).numpy())
 
     def create_variables(self, train_step: Callable, batch, existing) -> None:
         """Create every variable ``train_step`` creates lazily, without changing any state.

@@ -14,40 +14,7 @@ import ckptkit
 from ckptkit import metadata
 
 from conftest import ToyTrainer, make_cfg
-
-TOY_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_run.py")
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-
-
-def run(run_dir, *overrides, timeout=300):
-    proc = subprocess.run([sys.executable, TOY_RUN, str(run_dir), *overrides], env=ENV, timeout=timeout,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return proc.returncode, proc.stdout
-
-
-def result_of(output):
-    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-    assert lines, output[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def start(run_dir, *overrides):
-    return subprocess.Popen([sys.executable, TOY_RUN, str(run_dir), *overrides], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-
-
-def wait_for_line(proc, needle, timeout=120):
-    """Read the process's output until a line contains ``needle``; return all lines read."""
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"{needle!r} never appeared:\n" + "".join(lines[-50:]))
-
+from procs import TOY_RUN, result_of, run, start, wait_for_line  # noqa: F401
 
 DETERMINISTIC = ["trainer.deterministic=true", "model.kind=keras_list", "data.noise=0.05",
                  "trainer.eval_every_steps=null", "trainer.steps_per_loop=4", "checkpoint.save_every_steps=3"]

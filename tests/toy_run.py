@@ -50,6 +50,7 @@ def main() -> None:
         "steps_run": result.steps_run,
         "model": digest(trainer.model.variables),
         "optimizer": digest(trainer.optimizer.variables),
+        "sums": [float(np.sum(v.numpy())) for v in trainer.model.trainable_variables],
         "elapsed": result.elapsed_seconds,
     }), flush=True)
 

@@ -1,0 +1,135 @@
+"""strategy.kind mirrored (2 logical CPUs) and multi_worker (2 processes on localhost)."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ckptkit
+from conftest import ToyTrainer, make_cfg, steps_on_disk
+from procs import finish, result_of, run, start_workers, wait_for_line
+
+MIRRORED = ["strategy.kind=mirrored", "strategy.cpu_devices=2"]
+EXACT = ["trainer.deterministic=true", "model.kind=keras_list", "data.noise=0.05",
+         "trainer.steps_per_loop=4", "checkpoint.save_every_steps=5"]
+
+
+@pytest.mark.slow
+def test_mirrored_over_two_cpus_saves_and_resumes_exactly(tmp_path):
+    code, out = run(tmp_path / "straight", "trainer.max_steps=30", *MIRRORED, *EXACT)
+    assert code == 0, out[-3000:]
+    assert "mirrored strategy: 2 replica(s)" in out
+    straight = result_of(out)
+
+    run_dir = tmp_path / "run"
+    code, out = run(run_dir, "trainer.max_steps=20", *MIRRORED, *EXACT)
+    assert code == 0, out[-3000:]
+    saved = result_of(out)
+    assert steps_on_disk(run_dir / "checkpoints")[-1] == 20
+
+    # Resuming restores exactly the weights and optimizer state that were saved...
+    code, out = run(run_dir, "trainer.max_steps=20", *MIRRORED, *EXACT)
+    again = result_of(out)
+    assert (again["resumed_from"], again["steps_run"]) == (20, 0)
+    assert (again["model"], again["optimizer"]) == (saved["model"], saved["optimizer"])
+    # ... also into a single-device trainer: the checkpoint does not depend on the strategy,
+    code, out = run(run_dir, "trainer.max_steps=20", "strategy.kind=default", *EXACT)
+    single = result_of(out)
+    assert (single["resumed_from"], single["model"]) == (20, saved["model"]), out[-3000:]
+    # ... and the resumed run ends exactly where the uninterrupted one did.
+    code, out = run(run_dir, "trainer.max_steps=30", *MIRRORED, *EXACT)
+    assert code == 0, out[-3000:]
+    resumed = result_of(out)
+    assert resumed["resumed_from"] == 20
+    assert (resumed["model"], resumed["optimizer"]) == (straight["model"], straight["optimizer"])
+
+
+@pytest.mark.slow
+def test_two_replicas_train_like_one_device_on_the_same_global_batches(tmp_path):
+    """Each replica takes half of every global batch and the loss is scaled by the global
+    batch, so two replicas compute the one-device update (up to summation order)."""
+    common = ["trainer.max_steps=20", "model.kind=module", "trainer.deterministic=true"]
+    code, out = run(tmp_path / "one", *common)
+    assert code == 0, out[-3000:]
+    code, out2 = run(tmp_path / "two", *common, *MIRRORED)
+    assert code == 0, out2[-3000:]
+    one, two = result_of(out), result_of(out2)
+    np.testing.assert_allclose(two["sums"], one["sums"], rtol=1e-4, atol=1e-5)
+
+
+def _files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def _stopped_at(output):
+    line = [x for x in output.splitlines() if "stopped by" in x]
+    assert line, output[-3000:]
+    return int(line[-1].split(" at step ")[1].split(";")[0])
+
+
+@pytest.mark.slow
+def test_two_workers_checkpoint_on_the_chief_stop_together_and_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    ckpt_dir = run_dir / "checkpoints"
+    common = ["trainer.max_steps=40", "trainer.log_every_steps=2", "trainer.eval_every_steps=10", *EXACT]
+    slow = "data.step_sleep=0.04"
+
+    # Train, save, kill both workers (kill -9, no warning).
+    workers = start_workers(run_dir, *common, slow)
+    wait_for_line(workers[0], "saved checkpoint")
+    for w in workers:
+        w.kill()
+    finish(workers)
+    assert steps_on_disk(ckpt_dir)
+
+    # Relaunch: both resume from the chief's checkpoint. SIGTERM to the second worker
+    # makes both save at the same step and exit 75.
+    workers = start_workers(run_dir, *common, slow)
+    resumed = wait_for_line(workers[1], "resumed from")[-1]
+    first = int(resumed.split(" at step ")[1])
+    wait_for_line(workers[1], "/40  loss")  # trained on after resuming
+    workers[1].send_signal(signal.SIGTERM)
+    (code0, out0), (code1, out1) = finish(workers)
+    assert (code0, code1) == (ckptkit.EXIT_PREEMPTED, ckptkit.EXIT_PREEMPTED), out0[-2000:] + out1[-2000:]
+    stop = _stopped_at(out0)
+    assert stop == _stopped_at(out1) and stop > first
+    assert "stopped by another worker's preemption" in out0 and "stopped by SIGTERM" in out1
+    assert steps_on_disk(ckpt_dir)[-1] == stop
+
+    # A worker's leftover temporary directory (a crash mid-save) is removed at its start.
+    os.makedirs(ckpt_dir / ".worker-1")
+    (ckpt_dir / ".worker-1" / "ckpt-3.index").write_text("partial")
+
+    workers = start_workers(run_dir, *common)
+    (code0, out0), (code1, out1) = finish(workers)
+    assert (code0, code1) == (0, 0), out0[-3000:] + out1[-3000:]
+    chief, other = result_of(out0), result_of(out1)
+    assert chief["resumed_from"] == other["resumed_from"] == stop
+    assert (chief["step"], chief["model"]) == (40, other["model"])
+
+    # Only the chief wrote: its checkpoints, no worker directories, one set of logs.
+    files = _files(run_dir)
+    assert not [f for f in files if ".worker" in f], files
+    assert steps_on_disk(ckpt_dir)[-1] == 40
+    assert all(f.startswith(("checkpoints/", "logs/", "ckptkit_run.yaml")) for f in files), files
+
+    # Interrupted twice, the two workers end exactly where one uninterrupted process with
+    # two replicas ends (the same global batches, split the same way).
+    code, out = run(tmp_path / "mirrored", *common, *MIRRORED)
+    assert code == 0, out[-3000:]
+    assert result_of(out)["model"] == chief["model"]
+
+
+def test_cpu_devices_after_tensorflow_started_is_a_config_error(tmp_path):
+    tf.constant(1.0)  # this process's devices are initialized
+    with pytest.raises(ckptkit.ConfigError, match="strategy.cpu_devices.*start a new process"):
+        ToyTrainer(make_cfg(tmp_path, **{"strategy.kind": "mirrored", "strategy.cpu_devices": 3})).fit()
+
+
+def test_multi_worker_with_a_broken_tf_config_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "{cluster: oops")
+    with pytest.raises(ckptkit.ConfigError, match="TF_CONFIG is not JSON"):
+        ToyTrainer(make_cfg(tmp_path, **{"strategy.kind": "multi_worker"})).fit()
+    assert not os.path.exists(tmp_path / "checkpoints")
