@@ -280,6 +280,9 @@ def load_config(cfg: Union[Mapping[str, Any], DictConfig]) -> tuple[RunConfig, D
     """
     full = merge_with_schema(cfg)
     try:
+        job_dir = sweep_job_dir()
+        if job_dir:  # the base is resolved first: checkpoint.dir etc. follow the job's run_dir
+            full.run_dir = f"{str(full.run_dir).rstrip('/')}/{job_dir}"
         OmegaConf.resolve(full)
     except OmegaConfBaseException as exc:
         raise _config_error(exc) from None
@@ -296,6 +299,26 @@ def load_config(cfg: Union[Mapping[str, Any], DictConfig]) -> tuple[RunConfig, D
     for group in ("trainer", "checkpoint", "export", "strategy"):  # enums as strings for the user's code too
         full[group] = OmegaConf.create(OmegaConf.to_container(full[group], enum_to_str=True))
     return validate(run), full
+
+
+def sweep_job_dir() -> Optional[str]:
+    """In a Hydra multirun, the job's own subdirectory of ``run_dir``; else None.
+
+    It is Hydra's ``hydra.job.override_dirname`` (the job's overrides, e.g.
+    ``optim.lr=0.003``, without the keys in ``hydra.job.config.override_dirname.exclude_keys``):
+    stable across launches, so relaunching the sweep resumes every job in its directory.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover - hydra-core is a dependency
+        return None
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return hc.job.override_dirname or None
 
 
 def _plain(obj):

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM, SIGINT and SIGUSR1 ask the run to save and exit.
+"""Preemption: SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 ask the run to save and exit.
 
 Python runs signal handlers only when the main thread is back in the interpreter, and the
 main thread spends most of its time inside one ``tf.function`` call running many steps.
@@ -6,6 +6,10 @@ So the C-level handler's wakeup file descriptor (``signal.set_wakeup_fd``) is wa
 small thread that sets a ``tf.Variable`` flag at once; the compiled train loop reads that
 flag before every step and stops early. The trainer then saves a checkpoint at the step
 reached, waits until it is on disk and exits with :data:`EXIT_PREEMPTED`.
+
+If another Python handler was installed for the signal before ``fit()`` (a scheduler's
+helper, e.g. submitit's SIGUSR2 handler that requeues a SLURM job before its time limit), it
+is called once the checkpoint is saved (:meth:`PreemptionWatch.chain`).
 
 A second SIGINT (Ctrl-C twice) exits at once with code 130; the checkpoint directory stays
 consistent, since nothing points at a checkpoint before its files are complete.
@@ -29,7 +33,8 @@ EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None),
-                            getattr(signal, "SIGUSR1", None)) if s is not None)
+                            getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None))
+                if s is not None)
 
 
 class Preempted(SystemExit):
@@ -57,6 +62,7 @@ class PreemptionWatch:
         self._pipe = None
         self._thread: Optional[threading.Thread] = None
         self._sigints = 0
+        self._chained: Dict[int, object] = {}
 
     @property
     def requested(self) -> bool:
@@ -99,6 +105,7 @@ class PreemptionWatch:
             return self  # signals can only be handled from the main thread
         for s in SIGNALS:
             self._old_handlers[s] = signal.signal(s, self._on_signal)
+        self._chained = dict(self._old_handlers)
         r, w = os.pipe()
         os.set_blocking(w, False)
         self._pipe = (r, w)
@@ -119,3 +126,13 @@ class PreemptionWatch:
         self._thread.join(timeout=5)
         os.close(r)
         self._pipe = None
+
+    def chain(self) -> None:
+        """Hand the signal that stopped the run to the Python handler that was installed for
+        it before (call after the save). Python's own Ctrl-C handler is not called: the run
+        ends with :class:`Preempted` instead of a KeyboardInterrupt."""
+        handler = self._chained.get(self.signum) if self.signum is not None else None
+        if callable(handler) and handler is not signal.default_int_handler:
+            log.info("passing %s on to the handler installed before the run (%s)",
+                     signal.Signals(self.signum).name, getattr(handler, "__qualname__", handler))
+            handler(self.signum, None)

@@ -376,6 +376,7 @@ class Trainer:
             stop = Preempted(self._watch.signum, step, latest.path if latest and self.is_chief else
                              metadata_prefix(self.checkpointer.directory, step))
             log.warning("%s", stop)
+            self._watch.chain()
             raise stop
         export_path = self.export() if s.export.enabled and self.is_chief else None
         if export_path and s.export.max_to_keep:

@@ -58,10 +58,12 @@ class DigitsTrainer(ckptkit.Trainer):
         x, y = batch
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
-            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+            per_example = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            # The mean over the global batch, also when each replica holds a share of it.
+            loss = tf.nn.compute_average_loss(per_example)
         grads = tape.gradient(loss, self.model.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-        return {"loss": loss}
+        return {"loss": tf.reduce_mean(per_example)}
 
     def eval_step(self, batch):
         x, y = batch

@@ -1,6 +1,7 @@
 """The digits example as a user runs it: a subprocess, launched twice, then `ckptkit ls`."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -8,7 +9,8 @@ import pytest
 
 from ckptkit import cli, metadata
 
-from conftest import REPO
+from conftest import REPO, steps_on_disk
+from procs import wait_for_line
 
 EXAMPLE = os.path.join(REPO, "examples", "digits.py")
 
@@ -85,3 +87,40 @@ def test_transfer_example_pretrains_and_fine_tunes(tmp_path):
     assert "restored: model/backbone/0/_kernel, model/backbone/0/bias" in out
     assert "skipped by selection (kept fresh): model/head/_kernel, model/head/bias" in out
     assert (tmp_path / "runs" / "transfer-finetune" / "export" / "1" / "saved_model.pb").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_interrupted_and_relaunched_finishes_every_job_in_its_own_directory(tmp_path):
+    sweep = ["-m", "optim.lr=1e-3,3e-3", "trainer.max_steps=2000", "trainer.eval_every_steps=500",
+             "trainer.log_every_steps=500", "checkpoint.save_every_steps=500"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, EXAMPLE, *sweep], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+    wait_for_line(proc, "saved checkpoint")  # the first job is training
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]  # the sweep stops after the job's save
+    # A job's directory is named by its overrides (all but those excluded in digits.yaml).
+    named = "checkpoint.save_every_steps=500,optim.lr={},trainer.eval_every_steps=500"
+    jobs = [tmp_path / "runs" / "digits" / named.format(lr) for lr in ("0.001", "0.003")]
+    interrupted = steps_on_disk(jobs[0] / "checkpoints")[-1]
+    assert 0 < interrupted < 2000
+
+    # Relaunched with the joblib launcher (the jobs run in parallel processes); max_steps is
+    # not part of a job's directory name (configs/digits.yaml), so the jobs are the same.
+    code, out = run_example(tmp_path, *sweep, "hydra/launcher=joblib")
+    assert code == 0, out[-3000:]
+    assert f"resumed from {jobs[0] / 'checkpoints' / f'ckpt-{interrupted}'}".replace(str(tmp_path) + "/", "") in out
+    for job in jobs:
+        assert steps_on_disk(job / "checkpoints")[-1] == 2000
+        assert (job / ".hydra" / "config.yaml").exists() and (job / "export" / "1").is_dir()
+    assert sorted(p for p in (tmp_path / "runs" / "digits").iterdir() if p.is_dir()) == jobs
+
+
+def test_the_slurm_launcher_config_composes(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, EXAMPLE, "hydra/launcher=slurm", "--cfg", "hydra"], cwd=tmp_path,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "SlurmLauncher" in proc.stdout and "signal_delay_s: 180" in proc.stdout
+    assert not os.listdir(tmp_path)  # composing writes nothing

@@ -63,6 +63,22 @@ def test_signal_saves_at_the_step_reached_and_resume_loses_nothing(tmp_path, sig
 
 
 @pytest.mark.slow
+def test_a_handler_installed_before_the_run_gets_the_signal_after_the_save(tmp_path):
+    """A scheduler helper's handler (submitit requeues a SLURM job on SIGUSR2) runs once the
+    checkpoint is on disk; here it records the newest checkpoint and exits with code 3."""
+    marker = tmp_path / "requeued"
+    proc = start(tmp_path / "run", *SLOW, f"data.chain_marker={marker}")
+    wait_for_line(proc, "training toy from step 0")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out[-3000:]
+    assert "passing SIGUSR2 on to the handler installed before the run" in out
+    steps = [c.step for c in metadata.scan(str(tmp_path / "run" / "checkpoints"))]
+    assert steps and marker.read_text() == f"newest checkpoint: {steps[-1]}"
+
+
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once(tmp_path):
     slow_steps = [o.replace("0.005", "0.5") for o in SLOW]  # a step takes half a second
     proc = start(tmp_path, *slow_steps)
