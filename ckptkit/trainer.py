@@ -313,7 +313,7 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train to ``trainer.max_steps`` (resuming if possible), then export.
 
-        On SIGTERM, SIGINT or SIGUSR1 it saves at the step reached and raises
+        On SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 it saves at the step reached and raises
         :class:`~ckptkit.Preempted` (a SystemExit with code 75). Holds the run directory's
         lock throughout: a second launch on the same run directory is refused.
 
@@ -362,7 +362,8 @@ class Trainer:
         else:
             log.info("training %s from step %d to %d", s.name or self.run_dir, start_step,
                      s.trainer.max_steps)
-        self._progress = Progress(s.trainer.progress, s.trainer.max_steps, start_step)
+        self._progress = Progress(s.trainer.progress if self.is_chief else "log",
+                                  s.trainer.max_steps, start_step)
         try:
             with self._watch, self._progress:
                 step, train_metrics, eval_metrics = self._train(eval_ds, start_step)
@@ -382,13 +383,19 @@ class Trainer:
         if export_path and s.export.max_to_keep:
             export_lib.prune_versions(s.export.dir, s.export.max_to_keep)
         self._summaries.close()
-        best = self.checkpointer.best
+        if self.is_chief:
+            best = self.checkpointer.best
+            best_metric, best_step = self.checkpointer.best_value(), best and best.step
+            best_path = best and best.path
+        else:  # a worker does not track the chief's files; the best is in the train state
+            best_metric, best_step = self.train_state.best()
+            best_path = None if best_step is None else metadata_prefix(self.checkpointer.directory, best_step)
         return FitResult(
             step=step,
             metrics=dict(eval_metrics or train_metrics),
-            best_metric=self.checkpointer.best_value(),
-            best_step=None if best is None else best.step,
-            best_checkpoint=None if best is None else best.path,
+            best_metric=best_metric,
+            best_step=best_step,
+            best_checkpoint=best_path,
             export_path=export_path,
             resumed_from=resumed_from,
             steps_run=step - start_step,
@@ -425,7 +432,7 @@ class Trainer:
     def _train(self, eval_ds, step: int):
         """The outer loop; returns (step, last train metrics, last eval metrics)."""
         s = self.settings
-        t, c = s.trainer, s.checkpoint
+        t = s.trainer
         ckpt = self.checkpointer
         policy = self._save_policy()
         train_metrics: Dict[str, float] = {}
@@ -474,7 +481,8 @@ class Trainer:
             # always checked before a save, so non-finite weights are never saved.
             if log_due or save_due or self._progress.enabled:
                 train_metrics = loop_lib.to_python(out)
-                if not loop_lib.all_finite(train_metrics):
+                # (with several workers, only where all of them check: all raise together)
+                if (log_due or save_due or not coordinated) and not loop_lib.all_finite(train_metrics):
                     raise FloatingPointError(
                         f"non-finite train metrics at step {step}: {_fmt(train_metrics)}; "
                         f"the last checkpoint ({ckpt.latest.path if ckpt.latest else 'none'}) "

@@ -1,11 +1,7 @@
 """Exact resume and preemption, in real subprocesses with real signals."""
 
-import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +10,7 @@ import ckptkit
 from ckptkit import metadata
 
 from conftest import ToyTrainer, make_cfg
-from procs import TOY_RUN, result_of, run, start, wait_for_line  # noqa: F401
+from procs import result_of, run, start, wait_for_line
 
 DETERMINISTIC = ["trainer.deterministic=true", "model.kind=keras_list", "data.noise=0.05",
                  "trainer.eval_every_steps=null", "trainer.steps_per_loop=4", "checkpoint.save_every_steps=3"]
