@@ -78,6 +78,7 @@ def test_two_workers_checkpoint_on_the_chief_stop_together_and_resume(tmp_path):
 
     # Train, save, kill both workers (kill -9, no warning).
     workers = start_workers(run_dir, *common, slow)
+    chiefs = {workers[0].pid}
     wait_for_line(workers[0], "saved checkpoint")
     for w in workers:
         w.kill()
@@ -87,6 +88,7 @@ def test_two_workers_checkpoint_on_the_chief_stop_together_and_resume(tmp_path):
     # Relaunch: both resume from the chief's checkpoint. SIGTERM to the second worker
     # makes both save at the same step and exit 75.
     workers = start_workers(run_dir, *common, slow)
+    chiefs.add(workers[0].pid)
     resumed = wait_for_line(workers[1], "resumed from")[-1]
     first = int(resumed.split(" at step ")[1])
     wait_for_line(workers[1], "/40  loss")  # trained on after resuming
@@ -103,6 +105,7 @@ def test_two_workers_checkpoint_on_the_chief_stop_together_and_resume(tmp_path):
     (ckpt_dir / ".worker-1" / "ckpt-3.index").write_text("partial")
 
     workers = start_workers(run_dir, *common)
+    chiefs.add(workers[0].pid)
     (code0, out0), (code1, out1) = finish(workers)
     assert (code0, code1) == (0, 0), out0[-3000:] + out1[-3000:]
     chief, other = result_of(out0), result_of(out1)
@@ -114,6 +117,8 @@ def test_two_workers_checkpoint_on_the_chief_stop_together_and_resume(tmp_path):
     assert not [f for f in files if ".worker" in f], files
     assert steps_on_disk(ckpt_dir)[-1] == 40
     assert all(f.startswith(("checkpoints/", "logs/", "ckptkit_run.yaml")) for f in files), files
+    writers = {int(f.split(".")[-3]) for f in files if "tfevents" in f}  # events.out.tfevents.T.HOST.PID.N.v2
+    assert writers and writers <= chiefs, (writers, chiefs)
 
     # Interrupted twice, the two workers end exactly where one uninterrupted process with
     # two replicas ends (the same global batches, split the same way).
