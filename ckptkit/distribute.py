@@ -62,7 +62,8 @@ class Distribution:
     def multi_worker(self) -> bool:
         return self.kind == "multi_worker"
 
-    # --- inside the compiled loops -------------------------------------------------------
+    # --- inside the compiled loops (used only when distributed: the loops call the user's
+    # step directly under the default strategy) ------------------------------------------
 
     def split(self, batch):
         """Per-replica values: each replica's contiguous rows of the global ``batch``."""
@@ -82,19 +83,13 @@ class Distribution:
 
     def run(self, fn: Callable, batch):
         """``fn(batch)`` on every replica (its share of ``batch``); per-replica results."""
-        if not self.distributed:
-            return fn(batch)
         return self.strategy.run(fn, args=(self.split(batch),))
 
     def mean(self, values: Mapping[str, Any]) -> Dict[str, tf.Tensor]:
-        if not self.distributed:
-            return dict(values)
         return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
                 for k, v in values.items()}
 
     def sum(self, value):
-        if not self.distributed:
-            return value
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
 
     def any_true(self, flag: tf.Variable) -> tf.Tensor:
