@@ -84,6 +84,12 @@ class TrainLoop:
         self._coordinated = dist is not None and dist.multi_worker and stop is not None
         self._one = tf.function(one)
         self._many = tf.function(coordinated if self._coordinated else many)
+        # The loop calls the traced (concrete) functions directly: a tf.function call first
+        # looks its trace up by hashing the signature and every captured variable, which
+        # costs a small model about a tenth of its step at steps_per_loop=1
+        # (benchmarks/run.py, workload 1). The calls never vary, so one trace each serves.
+        self._one_fn = None
+        self._many_fn = None
         self._lengths: Dict[int, tf.Tensor] = {}
 
     def _metric_names(self):
@@ -95,16 +101,20 @@ class TrainLoop:
         if self._coordinated:
             self._metric_names()  # traces the single step first, outside the loop's trace
         if steps_per_loop == 1 and not self._coordinated:
-            self._one.get_concrete_function()
+            self._one_fn = self._one.get_concrete_function()
         else:
-            self._many.get_concrete_function(tf.TensorSpec([], tf.int32))
+            self._many_fn = self._many.get_concrete_function(tf.TensorSpec([], tf.int32))
 
     def __call__(self, n: int) -> Dict[str, tf.Tensor]:
         if n == 1 and not self._coordinated:
-            return self._one()
+            if self._one_fn is None:
+                self._one_fn = self._one.get_concrete_function()
+            return self._one_fn()
+        if self._many_fn is None:
+            self._many_fn = self._many.get_concrete_function(tf.TensorSpec([], tf.int32))
         if n not in self._lengths:
             self._lengths[n] = tf.constant(n, tf.int32)
-        return self._many(self._lengths[n])
+        return self._many_fn(self._lengths[n])
 
 
 def batch_size(batch) -> tf.Tensor:
