@@ -1,11 +1,14 @@
 """ckptkit against what users would otherwise write, side by side in one run.
 
-    python benchmarks/run.py [--quick] [--reps 3] [--json out.json] [--only loop,overhead,io,resume]
+    python benchmarks/run.py [--quick] [--reps 3] [--json out.json] [--only loop,savecost,overhead,io,resume]
 
 1. loop      steps/s of a small MLP (64 inputs, batch 64): a hand-written tf.function step in a
              Python loop, the same with 100 steps fused in one tf.function, Keras fit with
              steps_per_execution 1 and 100, and the ckptkit Trainer at its defaults and at
              steps_per_loop=1 (checkpointing on).
+   savecost  where one save of that trainer goes: the data iterator's snapshot, the blocking
+             save() call, and a complete save with and without the data iterator (wall and
+             CPU time, writer thread included).
 2. overhead  training throughput of a large model (--mb of float32 variables, SGD) saving every
              few seconds, as a fraction of the same loop without checkpoints: ckptkit async,
              ckptkit sync, a hand-written loop with tf.train.CheckpointManager.save, Keras fit
@@ -15,7 +18,8 @@
 4. resume    seconds from process start to the first training step of a resumed run: ckptkit
              vs a hand-written script restoring with tf.train.CheckpointManager.
 
-Contenders alternate within each repetition; the table shows medians and ratios. ``--quick``
+Contenders alternate within each repetition; the table shows medians, ratios, and the spread
+of the repetitions (half their range over the median: how noisy the machine was). ``--quick``
 shrinks every workload to a smoke run (CI runs it to check the script works, not its numbers).
 """
 
@@ -152,7 +156,7 @@ def ckptkit_loop(steps, warmup, steps_per_loop, tmp, save_every=1000):
 
 
 def bench_loop(args, tmp):
-    steps = 300 if args.quick else 3000
+    steps = 300 if args.quick else 5000
     warmup = 100
     contenders = {
         "hand-written step, Python loop": lambda: hand_loop(steps, warmup, fused=False),
@@ -326,6 +330,51 @@ def bench_io(args, tmp):
     return run_alternating(contenders, max(args.reps, 3), "MB/s")
 
 
+# --- where a save's time goes -----------------------------------------------------------------
+
+def bench_savecost(args, tmp):
+    """One async save of the workload-1 trainer (model, Adam, global step, the data iterator
+    with its 4096-element shuffle buffer), taken apart: wall time and CPU time of the whole
+    process (the writer thread included) per save, with and without the data iterator."""
+    warm = {"name": "bench", "run_dir": tempfile.mkdtemp(dir=tmp),
+            "trainer": {"max_steps": 1, "steps_per_loop": 100, "eval_every_steps": None,
+                        "progress": "log"}, "export": {"enabled": False}}
+    trainer = MLPTrainer(warm)
+    trainer.build()
+    trainer._train_fn(100)
+    full = trainer.checkpointer
+    bare = ckptkit.Checkpointer(tempfile.mkdtemp(dir=tmp), model=trainer.model,
+                                optimizer=trainer.optimizer, global_step=trainer.global_step)
+    counter = iter(range(1, 100_000))
+
+    def cpu():
+        return time.process_time()
+
+    def timed(fn):
+        def go():
+            c0, t0 = cpu(), time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3, (cpu() - c0) * 1e3
+        return go
+
+    def blocking():
+        full.wait()  # the previous save is complete: time the call alone
+        return timed(lambda: full.save(next(counter)))()
+
+    for ckpt in (full, bare):  # the first two saves trace TensorFlow's copy functions
+        for _ in range(2):
+            ckpt.save(next(counter))
+            ckpt.wait()
+    contenders = {
+        "data iterator snapshot": timed(full._iterators[0].snapshot),
+        "save() call (training blocked)": blocking,
+        "save + wait, with the data iterator": timed(lambda: (full.save(next(counter)), full.wait())),
+        "save + wait, without the data iterator": timed(lambda: (bare.save(next(counter)), bare.wait())),
+    }
+    reps = 3 if args.quick else max(args.reps, 3) * 5
+    return run_alternating(contenders, reps, "ms", extra="CPU ms")
+
+
 # --- workload 4: resume latency ---------------------------------------------------------------
 
 def bench_resume(args, tmp):
@@ -360,21 +409,28 @@ def run_alternating(contenders, reps, unit, extra=None):
 
 
 def medians(values):
-    if isinstance(values[0], tuple):
+    if isinstance(values[0], (tuple, list)):
         return statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)
     return statistics.median(values), None
+
+
+def spread(values) -> float:
+    """Half the range of the repetitions, as a fraction of their median (the noise)."""
+    main = [v[0] if isinstance(v, (tuple, list)) else v for v in values]
+    mid = statistics.median(main)
+    return (max(main) - min(main)) / 2 / mid if mid else float("nan")
 
 
 def print_table(title, data, baseline):
     print(f"\n{title}  (median of {len(next(iter(data['runs'].values())))}; ratio vs {baseline!r})")
     base, _ = medians(data["runs"][baseline])
-    header = f"  {'contender':40} {data['unit']:>14} {'ratio':>7}"
+    header = f"  {'contender':40} {data['unit']:>14} {'ratio':>7} {'spread':>7}"
     if data["extra"]:
         header += f" {data['extra']:>16}"
     print(header)
     for name, values in data["runs"].items():
         value, extra = medians(values)
-        line = f"  {name:40} {value:14.3f} {value / base:7.3f}"
+        line = f"  {name:40} {value:14.3f} {value / base:7.3f} {spread(values):6.0%} "
         if data["extra"]:
             line += f" {extra:16.4f}"
         print(line)
@@ -385,7 +441,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny workloads, 1 repetition (smoke run)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--mb", type=int, default=256, help="size of the large model's variables")
-    parser.add_argument("--only", default="loop,overhead,io,resume")
+    parser.add_argument("--only", default="loop,savecost,overhead,io,resume")
     parser.add_argument("--json", help="write the raw figures here")
     args = parser.parse_args()
     if args.quick:
@@ -404,6 +460,10 @@ def main():
             out["io"] = bench_io(args, tmp)
             print_table(f"3. save/restore throughput, {16 if args.quick else args.mb} MB",
                         out["io"], "bare Checkpoint.write")
+        if "savecost" in wanted:
+            out["savecost"] = bench_savecost(args, tmp)
+            print_table("1b. where one save of workload 1 goes", out["savecost"],
+                        "save + wait, without the data iterator")
         if "resume" in wanted:
             out["resume"] = bench_resume(args, tmp)
             print_table("4. resume latency", out["resume"], "hand-written CheckpointManager restore")
