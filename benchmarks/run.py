@@ -452,6 +452,10 @@ def main():
         if "loop" in wanted:
             out["loop"] = bench_loop(args, tmp)
             print_table("1. loop speed, small MLP", out["loop"], "hand-written, 100 steps fused")
+        if "savecost" in wanted:
+            out["savecost"] = bench_savecost(args, tmp)
+            print_table("1b. where one save of workload 1 goes", out["savecost"],
+                        "save + wait, without the data iterator")
         if "overhead" in wanted:
             out["overhead"] = bench_overhead(args, tmp)
             print_table(f"2. checkpoint overhead, {16 if args.quick else args.mb} MB model",
@@ -460,10 +464,6 @@ def main():
             out["io"] = bench_io(args, tmp)
             print_table(f"3. save/restore throughput, {16 if args.quick else args.mb} MB",
                         out["io"], "bare Checkpoint.write")
-        if "savecost" in wanted:
-            out["savecost"] = bench_savecost(args, tmp)
-            print_table("1b. where one save of workload 1 goes", out["savecost"],
-                        "save + wait, without the data iterator")
         if "resume" in wanted:
             out["resume"] = bench_resume(args, tmp)
             print_table("4. resume latency", out["resume"], "hand-written CheckpointManager restore")
