@@ -8,6 +8,7 @@ different lengths (cut short at an eval, save or log boundary) share one trace.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, Mapping, Optional
 
@@ -84,16 +85,22 @@ class TrainLoop:
         self._coordinated = dist is not None and dist.multi_worker and stop is not None
         self._one = tf.function(one)
         self._many = tf.function(coordinated if self._coordinated else many)
-        # The loop calls the traced (concrete) functions directly: a tf.function call first
-        # looks its trace up by hashing the signature and every captured variable, which
-        # costs a small model about a tenth of its step at steps_per_loop=1
-        # (benchmarks/run.py, workload 1). The calls never vary, so one trace each serves.
-        self._one_fn = None
-        self._many_fn = None
         self._lengths: Dict[int, tf.Tensor] = {}
 
+    # The loop calls the traced (concrete) functions directly: a tf.function call first looks
+    # its trace up by hashing the signature and every captured variable, which costs a small
+    # model about a tenth of its step at steps_per_loop=1 (benchmarks/run.py, workload 1).
+    # The calls never vary, so one trace each serves.
+    @functools.cached_property
+    def _single_fn(self):
+        return self._one.get_concrete_function()
+
+    @functools.cached_property
+    def _loop_fn(self):
+        return self._many.get_concrete_function(tf.TensorSpec([], tf.int32))
+
     def _metric_names(self):
-        return sorted(self._one.get_concrete_function().structured_outputs)
+        return sorted(self._single_fn.structured_outputs)
 
     def trace(self, steps_per_loop: int) -> None:
         """Trace the function the run will call (the single step for ``steps_per_loop=1``)
@@ -101,20 +108,16 @@ class TrainLoop:
         if self._coordinated:
             self._metric_names()  # traces the single step first, outside the loop's trace
         if steps_per_loop == 1 and not self._coordinated:
-            self._one_fn = self._one.get_concrete_function()
+            self._single_fn  # noqa: B018 - traces
         else:
-            self._many_fn = self._many.get_concrete_function(tf.TensorSpec([], tf.int32))
+            self._loop_fn  # noqa: B018 - traces
 
     def __call__(self, n: int) -> Dict[str, tf.Tensor]:
         if n == 1 and not self._coordinated:
-            if self._one_fn is None:
-                self._one_fn = self._one.get_concrete_function()
-            return self._one_fn()
-        if self._many_fn is None:
-            self._many_fn = self._many.get_concrete_function(tf.TensorSpec([], tf.int32))
+            return self._single_fn()
         if n not in self._lengths:
             self._lengths[n] = tf.constant(n, tf.int32)
-        return self._many_fn(self._lengths[n])
+        return self._loop_fn(self._lengths[n])
 
 
 def batch_size(batch) -> tf.Tensor:
