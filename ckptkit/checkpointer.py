@@ -19,19 +19,22 @@ the best checkpoints, and its state file would keep listing files deleted outsid
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
+import secrets
 import threading
 import time
 from typing import Dict, List, Mapping, Optional
 
 import tensorflow as tf
 
-from ckptkit import metadata
+from ckptkit import metadata, storage
 from ckptkit._compat import patch_keras_async_checkpoint, patch_keras_checkpoint_children
-from ckptkit.iterator_state import IteratorCheckpoint, is_dataset_iterator
+from ckptkit.iterator_state import IteratorCheckpoint, is_dataset_iterator, peek
 from ckptkit.errors import (
     CheckpointMismatchError,
+    DataPipelineError,
     CheckpointNotFoundError,
     CheckpointSaveError,
     CheckpointUnreadableError,
@@ -89,9 +92,8 @@ class Checkpointer:
         # reads the chief's checkpoints in `directory` and writes nothing there.
         self.worker_dir = None if worker_dir is None else str(worker_dir)
         self._worker_saved: set = set()
-        if self.worker_dir and tf.io.gfile.exists(self.worker_dir):
-            log.info("removing %s, left by an earlier launch of this worker", self.worker_dir)
-            tf.io.gfile.rmtree(self.worker_dir)
+        if self.worker_dir and storage.remove_tree(self.worker_dir):
+            log.info("removed %s, left by an earlier launch of this worker", self.worker_dir)
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.async_save = async_save
@@ -109,6 +111,7 @@ class Checkpointer:
         trackables = {name: IteratorCheckpoint(obj) if is_dataset_iterator(obj) else obj
                       for name, obj in trackables.items()}
         self._iterators = [t for t in trackables.values() if isinstance(t, IteratorCheckpoint)]
+        self._trackables = dict(trackables)
         self._checkpoint = tf.train.Checkpoint(**trackables)
         # TensorFlow's async saver creates `save_counter` on first use, so it is in async
         # checkpoints; create it up front so sync and async checkpoints hold the same objects
@@ -189,8 +192,10 @@ class Checkpointer:
                 self._record(dataclasses.replace(existing, metrics=merged))
             return existing.path
         tf.io.gfile.makedirs(self.directory)
+        self._clear_the_way(step)
         started = time.time()
-        info = CheckpointInfo(step=step, path=prefix, time=started, metrics=metrics)
+        info = CheckpointInfo(step=step, path=prefix, time=started, metrics=metrics,
+                              uid=secrets.token_hex(8))
         returned = threading.Event()  # set once write() returned and blocking time is known
         timing = {}
         options = tf.train.CheckpointOptions(
@@ -221,6 +226,63 @@ class Checkpointer:
             self._raise_background_error()
         return prefix
 
+    def find(self, step: int) -> Optional[CheckpointInfo]:
+        """The checkpoint of ``step``: recorded, or the save of it still in flight."""
+        with self._lock:
+            found = self._records.get(step)
+        pending = self._pending
+        return found or (pending if pending is not None and pending.step == step else None)
+
+    def _aside_dir(self) -> str:
+        stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+        return os.path.join(self.directory, metadata.UNREADABLE_DIR, stamp)
+
+    def _clear_the_way(self, step: int) -> None:
+        """Move aside whatever already bears the names a save of ``step`` writes (a planted
+        link, an unreadable checkpoint's remains): TensorFlow would write through a link."""
+        in_the_way = metadata.names_in_the_way(self.directory, step)
+        if not in_the_way:
+            return
+        into = self._aside_dir()
+        for p in in_the_way:
+            storage.move_aside(p, into)
+        log.warning("moved %s aside to %s: they were in the way of the save of step %d "
+                    "(nothing deleted)", ", ".join(os.path.basename(p) for p in in_the_way),
+                    into, step)
+
+    def set_aside(self, info: CheckpointInfo, reason: str) -> Optional[str]:
+        """Take the unreadable checkpoint ``info`` out of the run: its files move to
+        ``<directory>/unreadable/<time>/`` (nothing is deleted), it stops counting as newest,
+        latest or best, holds no retention slot, and its step is saved again for real when
+        training reaches it. Returns where the files went (None on a worker, which only
+        forgets it: the chief moves the files)."""
+        with self._lock:
+            self._records.pop(info.step, None)
+        if self.worker_dir:
+            return None
+        into = self._aside_dir()
+        for f in metadata.checkpoint_files(info.path):
+            storage.move_aside(f, into)
+        log.warning("moved the unreadable checkpoint %s aside to %s (%s); step %d will be "
+                    "saved again when training reaches it", info.path, into, reason, info.step)
+        self._write_bookkeeping()
+        return into
+
+    def remove_leftovers(self) -> List[str]:
+        """Delete what saves interrupted by a crash left in the directory (TensorFlow's
+        ``ckpt-<step>_temp/`` shards, data shards of a step without index, ckptkit's own
+        temporary files): only those names, and only real files and directories, never
+        links. Call it only while no other process saves here (the Trainer holds the run
+        lock). Returns the paths removed."""
+        if self.worker_dir or self._pending is not None:
+            return []
+        removed = [p for p in metadata.leftovers(self.directory)
+                   if storage.remove_tree(p) or storage.remove_file(p)]
+        if removed:
+            log.info("removed what interrupted saves left in %s: %s", self.directory,
+                     ", ".join(os.path.basename(p) for p in removed))
+        return removed
+
     def _save_as_worker(self, step: int) -> str:
         """A non-chief worker's part in the save of ``step``; returns the chief's path."""
         chief_path = metadata.checkpoint_prefix(self.directory, step)
@@ -248,8 +310,7 @@ class Checkpointer:
 
     def _discard_worker_dir(self) -> None:
         try:
-            if tf.io.gfile.exists(self.worker_dir):
-                tf.io.gfile.rmtree(self.worker_dir)
+            storage.remove_tree(self.worker_dir)
         except Exception as exc:  # noqa: BLE001 - surfaced in the training thread
             self._background_error = CheckpointSaveError(
                 f"cannot remove this worker's temporary checkpoint directory {self.worker_dir}: {exc}")
@@ -257,12 +318,13 @@ class Checkpointer:
     def _failure(self, prefix: str, exc: object) -> str:
         """What went wrong writing ``prefix``, with the space situation when the disk is full."""
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        temp = prefix + "_temp"  # TensorFlow's partial shards of this save: ours, useless now
-        if tf.io.gfile.isdir(temp):
-            tf.io.gfile.rmtree(temp)
+        step = metadata.step_of(prefix)
+        for path in (metadata.names_in_the_way(os.path.dirname(prefix), step) if step is not None else []):
+            if path.endswith("_temp") or "_temp_" in os.path.basename(path):
+                storage.remove_tree(path)  # TensorFlow's partial shards of this save: useless now
         if "space left" in text.lower() or "ENOSPC" in text:
             latest = self.latest
-            needed = latest.size if latest and latest.size else None
+            needed = latest.size if latest and latest.size else (self.estimated_size() or None)
             try:
                 st = os.statvfs(self.directory)
                 free = st.f_bavail * st.f_frsize
@@ -273,6 +335,19 @@ class Checkpointer:
                     f"free space and launch again: the run resumes from its last complete "
                     f"checkpoint ({text})")
         return text
+
+    def estimated_size(self) -> int:
+        """Bytes of the variables a checkpoint holds (what one needs on disk, about)."""
+        seen, total = set(), 0
+        for obj in self._trackables.values():
+            variables = [obj] if isinstance(obj, tf.Variable) else list(getattr(obj, "variables", []) or [])
+            for v in variables:
+                if id(v) in seen or not isinstance(v, tf.Variable) or not v.shape.is_fully_defined():
+                    continue
+                seen.add(id(v))
+                if v.dtype.is_numpy_compatible and v.dtype != tf.string:
+                    total += v.shape.num_elements() * v.dtype.size
+        return total
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is written and recorded; raise its error."""
@@ -324,18 +399,26 @@ class Checkpointer:
         """Add ``info``, write metadata and state file for what is kept, delete the rest."""
         with self._lock:
             self._records[info.step] = info
+        self._write_bookkeeping()
+
+    def _write_bookkeeping(self) -> None:
+        """Write metadata and state file for the checkpoints kept; delete the others."""
+        with self._lock:
             ckpts = sorted(self._records.values(), key=lambda c: c.step)
             kept_steps = self.retention.keep(ckpts)
             kept = [c for c in ckpts if c.step in kept_steps]
             dropped = [c for c in ckpts if c.step not in kept_steps]
             best = ([c.step for c in rank_best(kept, self.best_metric, self.best_mode)[: self.best_keep]]
                     if self.best_metric else [])
+            tf.io.gfile.makedirs(self.directory)
             metadata.write_metadata(self.directory, kept, best=best,
                                     best_metric=self.best_metric, best_mode=self.best_mode)
             metadata.write_state_file(self.directory, kept)
+            if dropped:
+                names = storage.listdir(self.directory)
             for c in dropped:
-                for f in metadata.checkpoint_files(c.path):
-                    tf.io.gfile.remove(f)
+                for f in metadata.checkpoint_files(c.path, names):
+                    storage.remove_file(f)
                 del self._records[c.step]
                 log.info("deleted checkpoint %s (step %d) by retention", c.path, c.step)
 
@@ -363,13 +446,34 @@ class Checkpointer:
             ) from exc
         except (tf.errors.OpError, IndexError) as exc:  # IndexError: a truncated data file
             message = getattr(exc, "message", None) or str(exc)
+            if "DeserializeIterator" in message or "restore dataset iterator" in message:
+                raise self._pipeline_changed(path, message) from exc
             raise CheckpointUnreadableError(
                 f"checkpoint {path} is unreadable ({message.splitlines()[0]})") from exc
         except ValueError as exc:
             raise CheckpointMismatchError(f"cannot restore checkpoint {path}: {exc}") from exc
         status.expect_partial()
+        for it in self._iterators:  # a restored position must also produce a batch
+            try:
+                peek(it.iterator)
+            except tf.errors.OutOfRangeError:
+                pass
+            except tf.errors.OpError as exc:
+                raise self._pipeline_changed(path, exc.message) from exc
         step = metadata.step_of(path)
         return int(step) if step is not None else -1
+
+    @staticmethod
+    def _pipeline_changed(path: str, message: str) -> DataPipelineError:
+        detail = " ".join(message.split())
+        detail = detail.split("}}")[-1].strip()[:300]
+        return DataPipelineError(
+            f"the data position saved in checkpoint {path} does not fit the current training "
+            f"dataset: its pipeline changed since the checkpoint was written (batch size, "
+            f"shuffle, map or repeat steps, element shapes): {detail}. To resume exactly, "
+            "restore the pipeline the checkpoint was written with; to keep the new pipeline, "
+            f"start a new run (another name or run_dir) from these weights with "
+            f"checkpoint.init_from.path={path}.")
 
     def restore_latest(self, *, assert_consumed: bool = False) -> Optional[int]:
         """Restore the newest checkpoint; return its step, or None if there is none."""

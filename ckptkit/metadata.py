@@ -17,11 +17,14 @@ import logging
 import math
 import os
 import re
+import stat
 import time
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
+from ckptkit import storage
 from ckptkit.policies import CheckpointInfo
 
 log = logging.getLogger("ckptkit")
@@ -30,7 +33,17 @@ METADATA_FILE = "metadata.json"
 STATE_FILE = "checkpoint"
 PREFIX = "ckpt"
 FORMAT_VERSION = 1
+#: Where unreadable checkpoints, and files in the way of a save, are moved (never deleted).
+UNREADABLE_DIR = "unreadable"
 _INDEX_RE = re.compile(rf"^{PREFIX}-(\d+)\.index$")
+_DATA_RE = re.compile(rf"^{PREFIX}-(\d+)\.data-\d{{5}}-of-\d{{5}}$")
+# TensorFlow writes a save's shards into <prefix>_temp (or _temp_<hex> on some filesystems)
+# and merges them into <prefix>.index and .data-* when the save completes.
+_TEMP_RE = re.compile(rf"^{PREFIX}-(\d+)_temp(_[0-9a-f]+)?$")
+# ckptkit's own temporaries: <bookkeeping file>.tmp-<hex> (older versions: .tmp-<pid>).
+_OWN_TMP_RE = re.compile(rf"^({re.escape(METADATA_FILE)}|{STATE_FILE}){re.escape(storage.TMP_MARK)}[0-9a-f]+$")
+# Any steps ckptkit could write: larger ones are no step of a real run (and no int64).
+_MAX_STEP = 2**62
 
 
 def checkpoint_prefix(directory: str, step: int) -> str:
@@ -43,55 +56,49 @@ def step_of(prefix: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def checkpoint_files(prefix: str) -> List[str]:
-    """The files of the checkpoint at ``prefix``: its index and data shards."""
-    return tf.io.gfile.glob(prefix + ".index") + tf.io.gfile.glob(prefix + ".data-?????-of-?????")
+def _is_file_of(name: str, base: str) -> bool:
+    return name == base + ".index" or (name.startswith(base + ".data-") and bool(_DATA_RE.match(name)))
+
+
+def checkpoint_files(prefix: str, names: Optional[Sequence[str]] = None) -> List[str]:
+    """The files of the checkpoint at ``prefix``: its index and data shards.
+
+    Matched by name in a listing of the directory (``names``, else listed now): the path
+    may hold glob characters, so it is never globbed.
+    """
+    directory, base = os.path.split(prefix)
+    names = storage.listdir(directory) if names is None else names
+    return [os.path.join(directory, n) for n in sorted(names) if _is_file_of(n, base)]
+
+
+def names_in_the_way(directory: str, step: int) -> List[str]:
+    """Everything already named like the files a save of ``step`` writes (stale or planted)."""
+    base = f"{PREFIX}-{step}"
+    return [os.path.join(directory, n) for n in sorted(storage.listdir(directory))
+            if _is_file_of(n, base) or (_TEMP_RE.match(n) and int(_TEMP_RE.match(n).group(1)) == step)]
 
 
 def files_size(prefix: str) -> int:
     return sum(tf.io.gfile.stat(f).length for f in checkpoint_files(prefix))
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
-def fsync_path(path: str) -> None:
-    """Flush a local file or directory to disk (no-op for remote filesystems)."""
-    if not _is_local(path):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_checkpoint(prefix: str) -> None:
     """Flush a checkpoint's files and its directory entry before anything points at them."""
     for f in checkpoint_files(prefix):
-        fsync_path(f)
-    fsync_path(os.path.dirname(prefix) or ".")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, flushed, renamed into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    fsync_path(tmp)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-    fsync_path(os.path.dirname(path) or ".")
+        storage.fsync_path(f)
+    storage.fsync_path(os.path.dirname(prefix) or ".")
 
 
 def symlinked_files(prefix: str) -> List[str]:
     """Files of the checkpoint at ``prefix`` that are symbolic links (refused by ckptkit)."""
-    if not _is_local(prefix):
+    if not storage.is_local(prefix):
         return []
     return [f for f in checkpoint_files(prefix) if os.path.islink(f)]
 
 
 def _finite_or_none(v):
+    if isinstance(v, bool):
+        return None
     try:
         v = float(v)
     except (TypeError, ValueError):
@@ -99,8 +106,64 @@ def _finite_or_none(v):
     return v if math.isfinite(v) else None
 
 
+def _number(v, low: float, high: float) -> Optional[float]:
+    v = _finite_or_none(v)
+    return v if v is not None and low <= v <= high else None
+
+
+@dataclass
+class _Entry:
+    """One checkpoint's entry of ``metadata.json``, each field checked."""
+
+    step: int
+    time: Optional[float] = None
+    metrics: Optional[Dict[str, Optional[float]]] = None
+    size: Optional[int] = None
+    save_seconds: Optional[float] = None
+    blocking_seconds: Optional[float] = None
+    uid: Optional[str] = None
+    problems: List[str] = field(default_factory=list)
+
+
+def _parse_entry(raw) -> Optional[_Entry]:
+    """The checked fields of a raw entry; None when it has no usable step."""
+    if not isinstance(raw, dict):
+        return None
+    step = raw.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= _MAX_STEP:
+        return None
+    e = _Entry(step=step)
+
+    def take(key, value):
+        if raw.get(key) is not None and value is None:
+            e.problems.append(f"{key}={raw.get(key)!r}")
+        return value
+
+    # Times from 1970 to the year 5138: enough to rule out garbage, any real clock fits.
+    e.time = take("time", _number(raw.get("time"), 0.0, 1e11))
+    size = raw.get("size")
+    e.size = take("size", size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None)
+    e.save_seconds = take("save_seconds", _number(raw.get("save_seconds"), 0.0, 1e9))
+    e.blocking_seconds = take("blocking_seconds", _number(raw.get("blocking_seconds"), 0.0, 1e9))
+    uid = raw.get("uid")
+    e.uid = take("uid", uid if isinstance(uid, str) and uid else None)
+    metrics = raw.get("metrics")
+    if isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics):
+        e.metrics = {k: _finite_or_none(v) for k, v in metrics.items()}
+        bad = [k for k, v in metrics.items() if v is not None and e.metrics[k] is None
+               and not (isinstance(v, float) and math.isnan(v))]
+        if bad:
+            e.problems.append(f"metrics {', '.join(bad)}")
+    else:
+        take("metrics", None)
+    return e
+
+
 def read_document(directory: str) -> dict:
-    """The parsed ``metadata.json``; {} when absent, and {} with a warning when unreadable."""
+    """The parsed ``metadata.json``; {} when absent, and {} with a warning when unreadable.
+
+    Every entry's fields are checked (see :func:`read_entries`); ``best`` holds only steps.
+    """
     path = os.path.join(directory, METADATA_FILE)
     if not tf.io.gfile.exists(path):
         return {}
@@ -109,63 +172,109 @@ def read_document(directory: str) -> dict:
             doc = json.load(f)
         if not isinstance(doc, dict) or not isinstance(doc.get("checkpoints"), list):
             raise ValueError("no list of checkpoints")
-        for entry in doc["checkpoints"]:
-            int(entry["step"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, UnicodeDecodeError, tf.errors.OpError) as exc:
         log.warning("ignoring unreadable checkpoint metadata %s (%s); metrics of existing "
                     "checkpoints are unknown until they are saved again", path, exc)
         return {}
+    best = doc.get("best")
+    doc["best"] = [b for b in best if isinstance(b, int) and not isinstance(b, bool)] \
+        if isinstance(best, list) else []
+    for key in ("best_metric", "best_mode"):
+        if not isinstance(doc.get(key), (str, type(None))):
+            doc[key] = None
     return doc
 
 
-def read_metadata(directory: str) -> Dict[int, dict]:
-    """Per-step entries of ``metadata.json`` (see read_document)."""
-    return {int(e["step"]): e for e in read_document(directory).get("checkpoints", [])}
+def read_entries(directory: str, doc: Optional[dict] = None) -> Dict[int, _Entry]:
+    """Per-step checked entries of ``metadata.json``.
+
+    Entries without a usable step are dropped, fields of the wrong type or out of range are
+    treated as unknown (and rebuilt from the files); both are reported once, by file name.
+    """
+    doc = read_document(directory) if doc is None else doc
+    out: Dict[int, _Entry] = {}
+    problems = []
+    for raw in doc.get("checkpoints", []):
+        e = _parse_entry(raw)
+        if e is None:
+            problems.append(f"entry {json.dumps(raw)[:80]} (no valid step)")
+            continue
+        if e.problems:
+            problems.append(f"step {e.step}: {'; '.join(e.problems)}")
+        out[e.step] = e
+    if problems:
+        log.warning("checkpoint metadata %s has invalid values, ignored and rebuilt from the "
+                    "files on disk: %s", os.path.join(directory, METADATA_FILE), " | ".join(problems))
+    return out
 
 
-def scan(directory: str) -> List[CheckpointInfo]:
+def scan(directory: str, *, doc: Optional[dict] = None) -> List[CheckpointInfo]:
     """The complete checkpoints in ``directory``, oldest first, with their metadata.
 
     A checkpoint counts once its ``.index`` file exists (TensorFlow writes it last). A
     metadata entry whose files vanished is dropped; a checkpoint without an entry appears
-    with unknown metrics and its file time.
+    with unknown metrics and its file time. Sizes are what is on disk. The directory is
+    listed once and each file stat'ed once: linear in the number of files.
     """
     if not tf.io.gfile.isdir(directory):
         return []
-    meta = read_metadata(directory)
-    names = [n.rstrip("/") for n in tf.io.gfile.listdir(directory)]
+    meta = read_entries(directory, doc)
+    names = storage.listdir(directory)
     _report_incomplete(directory, names)
-    found = []
+    files: Dict[int, List[str]] = {}
+    indexed = set()
     for name in names:
-        m = _INDEX_RE.match(name)
-        if not m:
-            continue
-        step = int(m.group(1))
+        m = _INDEX_RE.match(name) or _DATA_RE.match(name)
+        if m:
+            step = int(m.group(1))
+            files.setdefault(step, []).append(name)
+            if name.endswith(".index"):
+                indexed.add(step)
+    local = storage.is_local(directory)
+    found = []
+    for step in sorted(indexed):
         prefix = checkpoint_prefix(directory, step)
-        links = symlinked_files(prefix)
+        paths = [os.path.join(directory, n) for n in files[step]]
+        stats = [storage.lstat(p) if local else None for p in paths]
+        links = [p for p, st in zip(paths, stats) if st is not None and not stat.S_ISREG(st.st_mode)]
         if links:
-            log.warning("refusing checkpoint %s: %s is a symbolic link; ckptkit reads and deletes "
+            log.warning("refusing checkpoint %s: %s is a symbolic link (or no regular file); ckptkit reads and deletes "
                         "only its own files inside %s", prefix, ", ".join(links), directory)
             continue
-        entry = meta.get(step, {})
-        when = entry.get("time")
-        if when is None:
-            when = tf.io.gfile.stat(prefix + ".index").mtime_nsec / 1e9
-        metrics = entry.get("metrics")
+        if local:
+            if any(st is None for st in stats):
+                continue  # deleted while we listed
+            size = sum(st.st_size for st in stats)
+            mtime = stats[paths.index(prefix + ".index")].st_mtime
+        else:
+            size = sum(tf.io.gfile.stat(p).length for p in paths)
+            mtime = tf.io.gfile.stat(prefix + ".index").mtime_nsec / 1e9
+        entry = meta.get(step) or _Entry(step=step)
         found.append(CheckpointInfo(
             step=step,
             path=prefix,
-            time=float(when),
-            metrics=dict(metrics) if isinstance(metrics, dict) else None,
-            size=entry.get("size"),
-            save_seconds=entry.get("save_seconds"),
-            blocking_seconds=entry.get("blocking_seconds"),
+            time=entry.time if entry.time is not None else mtime,
+            metrics=entry.metrics,
+            size=size,
+            save_seconds=entry.save_seconds,
+            blocking_seconds=entry.blocking_seconds,
+            uid=entry.uid,
         ))
-    return sorted(found, key=lambda c: c.step)
+    return found
 
 
-_DATA_RE = re.compile(rf"^{PREFIX}-(\d+)\.data-\d{{5}}-of-\d{{5}}$")
-_TEMP_RE = re.compile(rf"^{PREFIX}-(\d+)_temp$")
+def leftovers(directory: str) -> List[str]:
+    """What saves that never completed left behind: TensorFlow's ``ckpt-<step>_temp``
+    shard directories, data shards of a step without an index, and ckptkit's own
+    temporary bookkeeping files. Only names ckptkit's saves create."""
+    names = storage.listdir(directory)
+    indexed = {int(m.group(1)) for m in map(_INDEX_RE.match, names) if m}
+    out = []
+    for n in sorted(names):
+        data = _DATA_RE.match(n)
+        if (data and int(data.group(1)) not in indexed) or _TEMP_RE.match(n) or _OWN_TMP_RE.match(n):
+            out.append(os.path.join(directory, n))
+    return out
 
 
 def _report_incomplete(directory: str, names: Sequence[str]) -> None:
@@ -196,13 +305,14 @@ def write_metadata(directory: str, checkpoints: Sequence[CheckpointInfo], *,
                 "save_seconds": c.save_seconds,
                 "blocking_seconds": c.blocking_seconds,
                 "size": c.size,
+                "uid": c.uid,
                 "metrics": None if c.metrics is None
                 else {k: _finite_or_none(v) for k, v in c.metrics.items()},
             }
             for c in sorted(checkpoints, key=lambda c: c.step)
         ],
     }
-    atomic_write_text(os.path.join(directory, METADATA_FILE), json.dumps(doc, indent=1) + "\n")
+    storage.atomic_write_text(os.path.join(directory, METADATA_FILE), json.dumps(doc, indent=1) + "\n")
 
 
 def write_state_file(directory: str, checkpoints: Sequence[CheckpointInfo]) -> None:
@@ -213,4 +323,4 @@ def write_state_file(directory: str, checkpoints: Sequence[CheckpointInfo]) -> N
     lines = [f'model_checkpoint_path: "{os.path.basename(ordered[-1].path)}"']
     lines += [f'all_model_checkpoint_paths: "{os.path.basename(c.path)}"' for c in ordered]
     lines += [f"all_model_checkpoint_timestamps: {c.time!r}" for c in ordered]
-    atomic_write_text(os.path.join(directory, STATE_FILE), "\n".join(lines) + "\n")
+    storage.atomic_write_text(os.path.join(directory, STATE_FILE), "\n".join(lines) + "\n")

@@ -25,6 +25,7 @@ class CheckpointInfo:
     size: Optional[int] = None
     save_seconds: Optional[float] = None  # from the start of the save to files complete
     blocking_seconds: Optional[float] = None  # how long the save held up training
+    uid: Optional[str] = None  # random identity given at save time (an export names it)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Resuming a run: the newest readable checkpoint, and what changed in the config.
 
 Resume restores the newest checkpoint; if its files are unreadable (truncated, missing a
-shard, corrupt), it says so, naming the file, and falls back to the next older one.
+shard, corrupt), it says so, naming the file, and falls back to the next older one; the
+unreadable ones then move to ``checkpoints/unreadable/`` (see ``Checkpointer.set_aside``).
 Before restoring, the config the run was started with (``ckptkit_run.yaml``) is compared
 with the new one; the differences are logged, and if the checkpoint no longer fits the
 model (a shape changed), the error names the config keys that changed.
@@ -13,7 +14,12 @@ import logging
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ckptkit.checkpointer import Checkpointer
-from ckptkit.errors import CheckpointMismatchError, CheckpointNotFoundError, CheckpointUnreadableError
+from ckptkit.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointUnreadableError,
+    DataPipelineError,
+)
 from ckptkit.policies import CheckpointInfo
 
 log = logging.getLogger("ckptkit")
@@ -50,14 +56,21 @@ def restore_newest_readable(checkpointer: Checkpointer,
     CheckpointMismatchError (naming ``changes``) when one is readable but does not fit.
     """
     candidates = list(reversed(checkpointer.checkpoints))
-    failures = []
+    failures: List[str] = []
+    unreadable: List[CheckpointInfo] = []
     for info in candidates:
         try:
             checkpointer.restore(info.path, assert_consumed=True)
         except CheckpointUnreadableError as exc:
             failures.append(str(exc))
             log.warning("%s; falling back to an older checkpoint", exc)
+            unreadable.append(info)
             continue
+        except DataPipelineError as exc:
+            if changes:
+                raise DataPipelineError(f"{exc} The config changed since this run's checkpoints "
+                                        f"were written: {format_changes(changes)}.") from exc
+            raise
         except CheckpointMismatchError as exc:
             hint = (f" The config changed since this run's checkpoints were written: "
                     f"{format_changes(changes)}." if changes else "")
@@ -67,6 +80,11 @@ def restore_newest_readable(checkpointer: Checkpointer,
         if failures:
             log.warning("resumed from %s, the newest readable checkpoint (%d newer one(s) "
                         "unreadable)", info.path, len(failures))
+        # The newer, unreadable ones must not count as newest, hold retention slots or stop
+        # their steps from being saved again: they move aside (only now that the run goes
+        # on from a readable one; with none readable, everything stays where it is).
+        for bad in unreadable:
+            checkpointer.set_aside(bad, "unreadable")
         return info
     if failures:
         raise CheckpointUnreadableError(

@@ -1,6 +1,8 @@
 """Shared test helpers: a tiny tf.Module / Keras model trainer on synthetic data."""
 
+import contextlib
 import os
+import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -152,3 +154,18 @@ class KerasListNet(tf.keras.Model):
         for block in self.blocks:
             x = self.drop(block(x), training=training)
         return self.head(x)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size, *options):
+    """A tmpfs of ``size`` (with mount ``options``, e.g. ``nr_inodes=40``) mounted at ``path``."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    os.makedirs(path, exist_ok=True)
+    opts = ",".join((f"size={size}",) + options)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)])

@@ -10,7 +10,7 @@ import tensorflow as tf
 import ckptkit
 from ckptkit import metadata
 
-from conftest import KerasListNet, KerasNet, Net, steps_on_disk, values
+from conftest import KerasListNet, KerasNet, Net, small_tmpfs, steps_on_disk, values
 
 
 def _files(directory):
@@ -152,25 +152,31 @@ def test_same_step_saved_twice_updates_metrics_only(tmp_path):
 
 @pytest.mark.parametrize("async_save", [False, True])
 def test_write_error_is_raised_with_the_path(tmp_path, async_save):
-    """A failed write (here: TensorFlow cannot create its temporary shard directory, because
-    a file stands in the way) raises CheckpointSaveError naming the checkpoint, in the
-    training thread, and the earlier checkpoint stays listed and restorable."""
-    d = tmp_path / "ckpts"
-    net = Net()
-    ckpt = ckptkit.Checkpointer(str(d), async_save=async_save, model=net)
-    ckpt.save(1)
-    ckpt.wait()
-    (d / "ckpt-2_temp").write_text("in the way")
-    with pytest.raises(ckptkit.CheckpointSaveError, match="ckpt-2"):
-        ckpt.save(2)
+    """A failed write (here: the filesystem has no inode left for TensorFlow's temporary
+    shard directory) raises CheckpointSaveError naming the checkpoint, in the training
+    thread, and the earlier checkpoint stays listed and restorable."""
+    with small_tmpfs(tmp_path / "fs", "8m", "nr_inodes=64") as fs:
+        d = fs / "ckpts"
+        net = Net()
+        ckpt = ckptkit.Checkpointer(str(d), async_save=async_save, model=net)
+        ckpt.save(1)
         ckpt.wait()
-    assert steps_on_disk(str(d)) == [1]
-    assert [c.step for c in ckpt.checkpoints] == [1]
-    assert tf.train.latest_checkpoint(str(d)).endswith("ckpt-1")
-    (d / "ckpt-2_temp").unlink()
-    ckpt.save(3)  # the checkpointer is usable again
-    ckpt.wait()
-    assert steps_on_disk(str(d)) == [1, 3]
+        fillers = []
+        with pytest.raises(OSError):
+            for i in range(100):
+                fillers.append(fs / f"filler-{i}")
+                fillers[-1].write_text("")
+        with pytest.raises(ckptkit.CheckpointSaveError, match="ckpt-2"):
+            ckpt.save(2)
+            ckpt.wait()
+        assert steps_on_disk(str(d)) == [1]
+        assert [c.step for c in ckpt.checkpoints] == [1]
+        assert tf.train.latest_checkpoint(str(d)).endswith("ckpt-1")
+        for f in fillers[:20]:
+            f.unlink(missing_ok=True)
+        ckpt.save(3)  # the checkpointer is usable again
+        ckpt.wait()
+        assert steps_on_disk(str(d)) == [1, 3]
 
 
 def test_constructor_rejects_bad_arguments(tmp_path):

@@ -1,0 +1,170 @@
+"""The file operations ckptkit makes in a run directory, safe against what it may find there.
+
+A run directory is shared with the user, with schedulers and sometimes with an adversary, so:
+
+- names are matched in a listing of the directory, never by ``glob``: a run directory's
+  path may hold ``[``, ``*`` or ``?`` (a Hydra sweep over a list gives ``model.hidden=[128,64]``),
+  and a glob over it would match a sibling run's files;
+- every file ckptkit creates gets an unguessable temporary name, is created exclusively
+  without following a link (``O_EXCL | O_NOFOLLOW`` on local disks), flushed, and renamed
+  into place (a rename replaces a planted link, it never writes through it);
+- nothing is removed unless ``lstat`` says it is a real file or directory (not a link);
+  directory trees are removed by ``shutil.rmtree``, which unlinks links inside without
+  following them.
+
+Remote filesystems (``gs://``, ``s3://``, ``ram://``) have no links; there the same
+operations go through ``tf.io.gfile``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import stat
+from typing import List, Optional
+
+import tensorflow as tf
+
+log = logging.getLogger("ckptkit")
+
+#: Marks every temporary name ckptkit creates: ``<final name>.tmp-<random hex>``.
+TMP_MARK = ".tmp-"
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def temporary_name(path: str) -> str:
+    """An unguessable sibling name for ``path`` (see :data:`TMP_MARK`)."""
+    return f"{path}{TMP_MARK}{secrets.token_hex(8)}"
+
+
+def listdir(directory: str) -> List[str]:
+    """The names in ``directory`` ([] when it does not exist)."""
+    try:
+        return [n.rstrip("/") for n in tf.io.gfile.listdir(directory)]
+    except tf.errors.NotFoundError:
+        return []
+
+
+def lstat(path: str) -> Optional[os.stat_result]:
+    """``os.lstat`` of a local path, None when it does not exist."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def is_real_file(path: str) -> bool:
+    if not is_local(path):
+        return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+    st = lstat(path)
+    return st is not None and stat.S_ISREG(st.st_mode)
+
+
+def is_real_dir(path: str) -> bool:
+    if not is_local(path):
+        return tf.io.gfile.isdir(path)
+    st = lstat(path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+def is_link(path: str) -> bool:
+    return is_local(path) and os.path.islink(path)
+
+
+def fsync_path(path: str) -> None:
+    """Flush a local file or directory to disk (no-op for remote filesystems)."""
+    if not is_local(path):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new(path: str, data: bytes) -> None:
+    """Create ``path`` (which must not exist, not even as a link) and write ``data``."""
+    if not is_local(path):
+        if tf.io.gfile.exists(path):
+            raise FileExistsError(path)
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(data)
+        return
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a fresh temporary file, flushed, renamed into place."""
+    tmp = temporary_name(path)
+    write_new(tmp, text.encode("utf-8"))
+    try:
+        fsync_path(tmp)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    except BaseException:
+        remove_file(tmp)
+        raise
+    fsync_path(os.path.dirname(path) or ".")
+
+
+def remove_file(path: str) -> bool:
+    """Delete ``path`` if it is a real file; a link or anything else is left alone."""
+    if not is_real_file(path):
+        if is_link(path):
+            log.warning("not deleting %s: it is a symbolic link, which ckptkit never made", path)
+        return False
+    tf.io.gfile.remove(path)
+    return True
+
+
+def remove_tree(path: str) -> bool:
+    """Delete the directory ``path`` if it is a real one; links inside are unlinked, never
+    followed. A link or a file at ``path`` is left alone."""
+    if not is_real_dir(path):
+        if is_link(path):
+            log.warning("not deleting %s: it is a symbolic link, which ckptkit never made", path)
+        return False
+    if is_local(path):
+        shutil.rmtree(path)
+    else:
+        tf.io.gfile.rmtree(path)
+    return True
+
+
+def make_dir_exclusive(path: str) -> None:
+    """Create the directory ``path``; fail if anything (a link too) is already there."""
+    if is_local(path):
+        os.mkdir(path, 0o755)
+    else:
+        if tf.io.gfile.exists(path):
+            raise FileExistsError(path)
+        tf.io.gfile.makedirs(path)
+
+
+def move_aside(path: str, into: str) -> str:
+    """Rename ``path`` (a file, directory or link: the link itself moves, not its target)
+    into the directory ``into``, created if needed; returns the new path."""
+    if is_local(into):
+        if os.path.lexists(into) and not is_real_dir(into):
+            raise FileExistsError(f"{into} exists and is not a directory ckptkit can move files into")
+        os.makedirs(into, exist_ok=True)
+    else:
+        tf.io.gfile.makedirs(into)
+    target = os.path.join(into, os.path.basename(path))
+    if (os.path.lexists(target) if is_local(target) else tf.io.gfile.exists(target)):
+        target = f"{target}.{secrets.token_hex(4)}"
+    if is_local(path):
+        os.rename(path, target)
+    else:
+        tf.io.gfile.rename(path, target)
+    return target
