@@ -9,11 +9,12 @@ from ckptkit.errors import (
     CheckpointUnreadableError,
     CkptkitError,
     ConfigError,
+    DataPipelineError,
     ExportError,
 )
 from ckptkit.policies import CheckpointInfo
 from ckptkit.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
-from ckptkit.runlock import RunLockedError
+from ckptkit.runlock import CheckpointDirOwnedError, RunLockedError
 from ckptkit.trainer import FitResult, Trainer
 from ckptkit.transfer import RestoreReport, restore_partial
 
@@ -23,6 +24,7 @@ register_configs()
 
 __all__ = [
     "Checkpointer",
+    "CheckpointDirOwnedError",
     "CheckpointInfo",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
@@ -30,6 +32,7 @@ __all__ = [
     "CheckpointUnreadableError",
     "CkptkitError",
     "ConfigError",
+    "DataPipelineError",
     "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
     "ExportError",

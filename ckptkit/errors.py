@@ -39,3 +39,8 @@ class CheckpointSaveError(CkptkitError, OSError):
 
 class ExportError(CkptkitError, RuntimeError):
     """Exporting or verifying a SavedModel failed."""
+
+
+class DataPipelineError(CkptkitError, ValueError):
+    """The training data cannot serve the run: empty, or changed so that the saved data
+    position no longer fits it."""

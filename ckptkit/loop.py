@@ -158,6 +158,37 @@ def run_eval(eval_fn: Callable, dataset: tf.data.Dataset) -> Dict[str, float]:
     return {k: v / total for k, v in sums.items()}
 
 
+class FiniteCheck:
+    """Whether every floating-point variable is finite, as one fused reduction.
+
+    ``check()`` runs one ``tf.function`` that reduces ``is_finite`` over all variables to a
+    single bool (one device-to-host read); only when that is false does it look for the
+    names of the variables at fault. Costs about one read of the weights per save
+    (``benchmarks/run.py`` section 1c).
+    """
+
+    def __init__(self, variables):
+        seen, self.variables = set(), []
+        for v in variables:
+            if id(v) not in seen and tf.as_dtype(v.dtype).is_floating:
+                seen.add(id(v))
+                self.variables.append(v)
+
+        def all_finite_fn():
+            if not self.variables:
+                return tf.constant(True)
+            return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in self.variables]))
+
+        self._all_finite = tf.function(all_finite_fn)
+
+    def __call__(self) -> list:
+        """The names of the variables holding a NaN or infinity ([] when all are finite)."""
+        if bool(self._all_finite()):
+            return []
+        return [getattr(v, "path", None) or v.name for v in self.variables
+                if not np.all(np.isfinite(v.numpy()))]
+
+
 def to_python(metrics: Mapping[str, tf.Tensor]) -> Dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in metrics.items()}
 

@@ -38,17 +38,34 @@ SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "S
 
 
 class Preempted(SystemExit):
-    """Raised by ``fit()`` after a signal-triggered save; exits the process with code 75."""
+    """Raised by ``fit()`` after a signal: exits the process with code 75 once the step
+    reached is saved, or with 0 when training had already finished and only the export was
+    left (``complete``; the export is skipped and ``detail`` says how to make it)."""
 
-    def __init__(self, signum: Optional[int], step: int, path: Optional[str]):
-        super().__init__(EXIT_PREEMPTED)
+    def __init__(self, signum: Optional[int], step: int, path: Optional[str], *,
+                 complete: bool = False, trained: bool = True, detail: str = ""):
+        super().__init__(0 if complete else EXIT_PREEMPTED)
         self.signum, self.step, self.path = signum, step, path
+        self.complete, self.trained, self.detail = complete, trained, detail
 
     def __str__(self) -> str:
         why = (signal.Signals(self.signum).name if self.signum is not None
                else "another worker's preemption")
+        if self.complete:
+            return (f"stopped by {why} after training finished at step {self.step} "
+                    f"(saved {self.path}); {self.detail}")
+        if not self.trained:
+            held = (f"the run resumes from {self.path}" if self.path
+                    else "nothing was saved yet, the run starts from step 0")
+            return (f"stopped by {why} at step {self.step} before training (nothing new to "
+                    f"save; {held}); run the same command again to continue")
         return (f"stopped by {why} at step {self.step}; "
                 f"saved {self.path}; run the same command again to continue")
+
+
+class ExportInterrupted(BaseException):
+    """Raised into the main thread by a signal while an export runs at the end of ``fit()``
+    (a BaseException, so no ``except Exception`` in TensorFlow swallows it)."""
 
 
 class PreemptionWatch:
@@ -63,6 +80,8 @@ class PreemptionWatch:
         self._thread: Optional[threading.Thread] = None
         self._sigints = 0
         self._chained: Dict[int, object] = {}
+        #: While true, a signal also raises ExportInterrupted in the main thread.
+        self.interrupt_python = False
 
     @property
     def requested(self) -> bool:
@@ -73,6 +92,9 @@ class PreemptionWatch:
         # handler only replaces the default action (KeyboardInterrupt, termination).
         if self._thread is None or not self._thread.is_alive():
             self._note(signum)
+        if self.interrupt_python:
+            self.interrupt_python = False
+            raise ExportInterrupted(signum)
 
     def _note(self, signum: int) -> None:
         if signum == signal.SIGINT:
@@ -82,8 +104,8 @@ class PreemptionWatch:
                 os._exit(EXIT_INTERRUPTED)
         if self.signum is None:
             self.signum = signum
-            log.warning("%s received: saving a checkpoint at the end of the current step, "
-                        "then exiting with code %d", signal.Signals(signum).name, EXIT_PREEMPTED)
+            log.warning("%s received: finishing the current step and the save in flight, "
+                        "then exiting", signal.Signals(signum).name)
         self.flag.assign(True)
 
     def _watch(self, fd: int) -> None:

@@ -28,7 +28,13 @@ from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
 from ckptkit.config import RunConfig, load_config
-from ckptkit.errors import CheckpointMismatchError, CheckpointSaveError, ConfigError, ExportError
+from ckptkit.errors import (
+    CheckpointMismatchError,
+    CheckpointSaveError,
+    ConfigError,
+    DataPipelineError,
+    ExportError,
+)
 from ckptkit.policies import (
     AnySave,
     CheckpointInfo,
@@ -41,12 +47,12 @@ from ckptkit.policies import (
     SaveOnPreemption,
     is_better,
 )
-from ckptkit.preemption import Preempted, PreemptionWatch
+from ckptkit.preemption import ExportInterrupted, Preempted, PreemptionWatch
 from ckptkit.progress import Progress
 from ckptkit.resume import config_changes, format_changes, require_checkpoint, restore_newest_readable
 from ckptkit.runinfo import RUN_FILE, read_run_record, write_run_record
 from ckptkit.metadata import checkpoint_prefix as metadata_prefix
-from ckptkit.runlock import RunLock
+from ckptkit.runlock import RunLock, claim_checkpoint_dir
 from ckptkit.state import TrainState
 from ckptkit.iterator_state import peek
 from ckptkit.summaries import NoSummaries, SummaryWriters, flat_hparams
@@ -97,8 +103,9 @@ def _features(batch):
 class Trainer:
     """Base class of a training script; see the README for a complete example."""
 
-    #: Wall clock for the time-based save policy; tests replace it with a fake clock.
-    clock: Callable[[], float] = staticmethod(time.time)
+    #: Clock of the time-based save policy: monotonic, so a wall clock stepped back (NTP,
+    #: daylight saving) does not stop periodic saves. Tests replace it with a fake clock.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
 
     def __init__(self, cfg: Union[DictConfig, Mapping[str, Any]]):
         self.settings: RunConfig
@@ -120,6 +127,7 @@ class Trainer:
         self._summaries: Optional[SummaryWriters] = None
         self._progress = Progress("log", 0, 0)
         self._stopped = False  # a worker (this or, with several, any) was preempted
+        self._finite: Optional[loop_lib.FiniteCheck] = None
 
     @property
     def is_chief(self) -> bool:
@@ -197,10 +205,15 @@ class Trainer:
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.model = self.build_model()
             self.optimizer = self.build_optimizer()
-        self._watch = PreemptionWatch()
+        if self._watch is None:
+            self._watch = PreemptionWatch()
         ds = self.train_dataset()
         if not isinstance(ds, tf.data.Dataset):
             raise TypeError(f"train_dataset() must return a tf.data.Dataset, got {type(ds).__name__}")
+        if int(ds.cardinality()) == 0:
+            raise DataPipelineError("train_dataset() yields no batch (its cardinality is 0): check "
+                                    "the data path, filters and batch size (drop_remainder with "
+                                    "fewer examples than one batch?)")
         if ds.cardinality() != tf.data.INFINITE_CARDINALITY:
             ds = ds.repeat()
         self._train_ds = ds
@@ -229,6 +242,7 @@ class Trainer:
         self._train_fn = loop_lib.TrainLoop(self.train_step, self.global_step, self._iterator,
                                             self._watch.flag, dist if dist.distributed else None)
         self._train_fn.trace(s.trainer.steps_per_loop)
+        self._finite = loop_lib.FiniteCheck([*self.model.variables, *self.optimizer.variables])
         hidden = unreachable_variables(self.model)
         if hidden:
             raise CheckpointMismatchError(
@@ -322,22 +336,43 @@ class Trainer:
         """
         _ensure_logging()
         self.distribution = distribute.create(self.settings.strategy)
-        if not self.is_chief:
-            return self._fit()
-        try:
-            lock = RunLock(self.run_dir).acquire()
-        except OSError as exc:  # read-only, not a directory, no permission
-            raise CheckpointSaveError(f"cannot write to the run directory {self.run_dir}: {exc}") from exc
-        try:
-            return self._fit()
-        finally:
-            lock.release()
+        # Signals are watched over all of fit(): one arriving while building, tracing,
+        # restoring, evaluating, waiting for the last save or exporting still ends in a
+        # durable checkpoint and a clear exit, never in the default action.
+        if self._watch is None:
+            self._watch = PreemptionWatch()
+        with self._watch:
+            if not self.is_chief:
+                return self._fit()
+            try:
+                lock = RunLock(self.run_dir).acquire()
+            except OSError as exc:  # read-only, not a directory, no permission
+                raise CheckpointSaveError(f"cannot write to the run directory {self.run_dir}: {exc}") from exc
+            try:
+                return self._fit()
+            finally:
+                lock.release()
+
+    def _stop_if_requested(self, step: int) -> None:
+        """Between phases of fit(): stop now if a signal came (one process only; several
+        workers stop together inside the loop)."""
+        if self._watch.requested and not self.distribution.multi_worker:
+            latest = self.checkpointer.latest if self.checkpointer else None
+            stop = Preempted(self._watch.signum, step, latest.path if latest else None, trained=False)
+            log.warning("%s", stop)
+            self._watch.chain()
+            raise stop
 
     def _fit(self) -> FitResult:
         self.build()
         s = self.settings
+        if self.is_chief:
+            claim_checkpoint_dir(s.checkpoint.dir, self.run_dir)
+            self.checkpointer.remove_leftovers()
+        self._stop_if_requested(0)
         resumed_from, report = self._resume_or_warm_start()
         step_now = int(self.global_step.numpy())
+        self._stop_if_requested(step_now)
         if resumed_from is not None and step_now > s.trainer.max_steps:
             raise ConfigError("trainer.max_steps",
                               f"is {s.trainer.max_steps}, below step {step_now} that the run "
@@ -365,23 +400,26 @@ class Trainer:
         self._progress = Progress(s.trainer.progress if self.is_chief else "log",
                                   s.trainer.max_steps, start_step)
         try:
-            with self._watch, self._progress:
+            with self._progress:
                 step, train_metrics, eval_metrics = self._train(eval_ds, start_step)
         finally:
             self.checkpointer.wait()
             self._log_completed_saves()
             self._summaries.flush()
-        if self._stopped:
+        if not self.distribution.multi_worker and self._watch.requested:
+            self._stopped = True  # also when the signal came after the last loop
+        latest = self.checkpointer.latest  # a worker's list is the chief's at its start
+        saved = (latest.path if latest and self.is_chief else
+                 metadata_prefix(self.checkpointer.directory, step))
+        if self._stopped and step < s.trainer.max_steps:
             self._summaries.close()
-            latest = self.checkpointer.latest  # a worker's list is the chief's at its start
-            stop = Preempted(self._watch.signum, step, latest.path if latest and self.is_chief else
-                             metadata_prefix(self.checkpointer.directory, step))
+            stop = Preempted(self._watch.signum, step, saved)
             log.warning("%s", stop)
             self._watch.chain()
             raise stop
-        export_path = self.export() if s.export.enabled and self.is_chief else None
-        if export_path and s.export.max_to_keep:
-            export_lib.prune_versions(s.export.dir, s.export.max_to_keep)
+        export_path = None
+        if s.export.enabled and self.is_chief:
+            export_path = self._final_export(step, saved)
         self._summaries.close()
         if self.is_chief:
             best = self.checkpointer.best
@@ -402,6 +440,33 @@ class Trainer:
             elapsed_seconds=float(self.train_state.elapsed_seconds.numpy()),
             warm_start=report,
         )
+
+    def _final_export(self, step: int, saved: str) -> Optional[str]:
+        """The export at the end of fit(). A signal before or during it skips it (training is
+        complete and saved): the process exits 0 and says how to export."""
+        s = self.settings
+        how = (f"the export was skipped; run the same command again, or `ckptkit export "
+               f"{self.run_dir}`, to export")
+        watch = self._watch
+        export_path = None
+        try:
+            if not watch.requested:
+                watch.interrupt_python = True
+                try:
+                    export_path = self.export()
+                finally:
+                    watch.interrupt_python = False
+        except ExportInterrupted:
+            pass
+        if watch.requested:
+            self._summaries.close()
+            stop = Preempted(watch.signum, step, saved, complete=True, detail=how)
+            log.warning("%s", stop)
+            watch.chain()
+            raise stop
+        if export_path and s.export.max_to_keep:
+            export_lib.prune_versions(s.export.dir, s.export.max_to_keep)
+        return export_path
 
     def _log_completed_saves(self) -> None:
         for info in self.checkpointer.drain_completed():
@@ -451,7 +516,12 @@ class Trainer:
         while step < t.max_steps and not self._stopped and (coordinated or not self._watch.requested):
             n = self._next_boundary(step) - step
             began = time.time()
-            out = self._train_fn(n)
+            try:
+                out = self._train_fn(n)
+            except tf.errors.OutOfRangeError as exc:
+                raise DataPipelineError(
+                    "train_dataset() yielded no batch" + (f" after step {step}" if step > start_step else "")
+                    + ": it is empty (check the data path, filters and batch size)") from exc
             unsaved_seconds += time.time() - began
             if coordinated:
                 reached = int(self.global_step.numpy())
@@ -485,8 +555,7 @@ class Trainer:
                 if (log_due or save_due or not coordinated) and not loop_lib.all_finite(train_metrics):
                     raise FloatingPointError(
                         f"non-finite train metrics at step {step}: {_fmt(train_metrics)}; "
-                        f"the last checkpoint ({ckpt.latest.path if ckpt.latest else 'none'}) "
-                        "is kept, nothing was saved after it")
+                        f"nothing was saved after it. {self._last_good()}")
                 self._progress.update(step, train_metrics,
                                       (step - log_start_step) / max(time.time() - log_start, 1e-9))
             self._log_completed_saves()
@@ -498,17 +567,37 @@ class Trainer:
             if save_due:
                 self.train_state.add_time(unsaved_seconds)
                 unsaved_seconds = 0.0
-                path = ckpt.save(step, metrics=step_eval)
+                path = self._save(step, step_eval)
                 last_save_step, last_save_time = step, ctx.now
                 if (new_best and s.export.enabled and s.export.on_best and not ctx.preempted
                         and self.is_chief):
                     self._export_new_best(step, path, step_eval)
         self.train_state.add_time(unsaved_seconds)
         if step > start_step and last_save_step != step:
-            ckpt.save(step, metrics=eval_metrics or None)
-        if not coordinated and self._watch.requested:
-            self._stopped = True  # also when the signal came after the last loop
+            self._save(step, eval_metrics or None)
         return step, train_metrics, eval_metrics
+
+    def _save(self, step: int, metrics: Optional[Mapping[str, float]]) -> str:
+        """Save ``step``, unless a model or optimizer variable is NaN or infinite: a loss
+        computed before the update can be finite while the update poisoned the weights, and
+        a poisoned checkpoint would be resumed from for ever."""
+        bad = self._finite()
+        if bad:
+            raise FloatingPointError(
+                f"non-finite values at step {step} in {len(bad)} variable(s): "
+                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; nothing was saved at step "
+                f"{step}. {self._last_good()}")
+        return self.checkpointer.save(step, metrics=metrics)
+
+    def _last_good(self) -> str:
+        """Which checkpoint the run resumes from, once the save in flight is on disk."""
+        try:
+            self.checkpointer.wait()
+        except CheckpointSaveError as exc:
+            log.error("%s", exc)
+        latest = self.checkpointer.latest
+        return (f"The last good checkpoint is {latest.path} (step {latest.step}): the next launch "
+                "resumes from it." if latest else "No checkpoint was saved before it.")
 
     # --- export --------------------------------------------------------------------------
 
@@ -544,7 +633,8 @@ class Trainer:
 
     def _export_new_best(self, step: int, path: str, metrics: Mapping[str, float]) -> None:
         e = self.settings.export
-        info = CheckpointInfo(step=step, path=path, time=time.time(), metrics=dict(metrics))
+        info = self.checkpointer.find(step) or CheckpointInfo(
+            step=step, path=path, time=time.time(), metrics=dict(metrics))
         self.export(source=info)
         if e.max_to_keep:
             export_lib.prune_versions(e.dir, e.max_to_keep)
