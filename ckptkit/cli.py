@@ -16,7 +16,7 @@ EPILOG = """examples:
   ckptkit ls runs/digits              checkpoints of a run: step, time, size, metrics, marks
   ckptkit ls runs/digits/checkpoints  the same, given the checkpoint directory
   ckptkit export runs/digits          export the best checkpoint again, without training
-  ckptkit verify runs/digits/export/1 load a SavedModel and show its signatures
+  ckptkit verify runs/digits/export/1 read a SavedModel (runs nothing) and show its signatures
   ckptkit verify runs/digits/checkpoints/ckpt-1500   read every tensor of a checkpoint
   ckptkit inspect runs/digits         variables by object-graph path, shape, dtype
   ckptkit diff runs/a runs/b          what a warm start from a into b's model would match
@@ -84,7 +84,11 @@ def cmd_export(args) -> int:
 
     run_dir = os.path.abspath(args.run_dir)
     record = runinfo.read_run_record(run_dir)
-    cls = runinfo.import_trainer_class(record["trainer"])
+    where = record.get("trainer") or {}
+    print(f"ckptkit: importing trainer {where.get('qualname')} from "
+          f"{where.get('file') or where.get('module')} (named in {run_dir}/{runinfo.RUN_FILE})",
+          file=sys.stderr)
+    cls = runinfo.import_trainer_class(where)
     cfg = OmegaConf.create(record["config"])
     old_run_dir = str(cfg.run_dir)
     cfg.run_dir = run_dir
@@ -108,25 +112,10 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_verify(args) -> int:
+def _read_tensors(prefix: str) -> tuple:
+    """Read every tensor of the checkpoint at ``prefix``: (tensors read, bytes, opaque ones)."""
     import tensorflow as tf
 
-    path = args.path.rstrip("/")
-    if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
-        loaded = tf.saved_model.load(path)
-        print(f"{path}: SavedModel, {len(loaded.signatures)} signature(s)")
-        for name, fn in sorted(loaded.signatures.items()):
-            _, inputs = fn.structured_input_signature
-            print(f"  signature {name!r}")
-            for arg, spec in sorted(inputs.items()):
-                print(f"    input  {arg}: {spec.dtype.name} {spec.shape}")
-            for key, spec in sorted(fn.structured_outputs.items()):
-                print(f"    output {key}: {spec.dtype.name} {spec.shape}")
-        return 0
-    prefix = path[:-len(".index")] if path.endswith(".index") else path
-    if not tf.io.gfile.exists(prefix + ".index"):
-        raise FileNotFoundError(f"{args.path} is neither a SavedModel directory nor a checkpoint "
-                                "prefix (no saved_model.pb, no .index file)")
     reader = tf.train.load_checkpoint(prefix)
     dtypes = reader.get_variable_to_dtype_map()
     total, opaque = 0, 0
@@ -136,11 +125,63 @@ def cmd_verify(args) -> int:
             continue
         try:
             value = reader.get_tensor(key)
-        except tf.errors.OpError as exc:
-            raise RuntimeError(f"{prefix}: tensor {key} cannot be read ({exc.message}); the "
+        except (tf.errors.OpError, IndexError) as exc:  # IndexError: a truncated data file
+            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            raise RuntimeError(f"{prefix}: tensor {key} cannot be read ({message}); the "
                                "checkpoint is truncated or corrupt") from exc
         total += getattr(value, "nbytes", 0)
-    print(f"{prefix}: checkpoint OK, {len(dtypes) - opaque} tensors read ({total} bytes)"
+    return len(dtypes) - opaque, total, opaque
+
+
+def _verify_saved_model(path: str, load: bool) -> int:
+    """Check a SavedModel by reading it: the graph proto's signatures and every variable
+    through the checkpoint reader. Nothing of the model runs unless ``load``."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(os.path.join(path, "saved_model.pb"), "rb") as f:
+        try:
+            proto.ParseFromString(f.read())
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends
+            raise RuntimeError(f"{path}/saved_model.pb cannot be parsed ({exc}): not a SavedModel, "
+                               "or a corrupt one") from exc
+    graphs = [g for g in proto.meta_graphs if "serve" in g.meta_info_def.tags] or list(proto.meta_graphs)
+    if not graphs:
+        raise RuntimeError(f"{path}/saved_model.pb holds no meta graph")
+    # "__saved_model_init_op" is TensorFlow's own entry (the initializer), no signature.
+    signatures = {k: v for k, v in graphs[0].signature_def.items() if not k.startswith("__")}
+    variables = os.path.join(path, "variables", "variables")
+    count, size, _ = _read_tensors(variables) if tf.io.gfile.exists(variables + ".index") else (0, 0, 0)
+    print(f"{path}: SavedModel, {len(signatures)} signature(s), {count} variable tensors read "
+          f"({size} bytes); read only, nothing of the model was run")
+    for name in sorted(signatures):
+        sig = signatures[name]
+        print(f"  signature {name!r}")
+        for kind, tensors in (("input ", sig.inputs), ("output", sig.outputs)):
+            for arg in sorted(tensors):
+                info = tensors[arg]
+                shape = tf.TensorShape(info.tensor_shape)
+                print(f"    {kind} {arg}: {tf.dtypes.as_dtype(info.dtype).name} {shape}")
+    if load:
+        loaded = tf.saved_model.load(path)
+        print(f"  --load: loaded with tf.saved_model.load (ran its initializers): "
+              f"{len(loaded.signatures)} signature(s) callable")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import tensorflow as tf
+
+    path = args.path.rstrip("/")
+    if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        return _verify_saved_model(path, args.load)
+    prefix = path[:-len(".index")] if path.endswith(".index") else path
+    if not tf.io.gfile.exists(prefix + ".index"):
+        raise FileNotFoundError(f"{args.path} is neither a SavedModel directory nor a checkpoint "
+                                "prefix (no saved_model.pb, no .index file)")
+    count, total, opaque = _read_tensors(prefix)
+    print(f"{prefix}: checkpoint OK, {count} tensors read ({total} bytes)"
           + (f", {opaque} data-iterator state(s) present" if opaque else ""))
     return 0
 
@@ -204,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export a run's best or last checkpoint as a SavedModel, without training",
         description="Rebuild the run's trainer from RUN_DIR/ckptkit_run.yaml (its class and "
                     "resolved config), restore the chosen checkpoint and export it to the next "
-                    "version directory. Prints the export's path.",
+                    "version directory. Prints the export's path. This IMPORTS AND RUNS the "
+                    "Python file or module named in the run record (the trainer that trained "
+                    "the run); it says which on stderr first. Use it only on run directories "
+                    "you trust.",
         epilog="examples:\n  ckptkit export runs/digits\n  ckptkit export runs/digits --from last --to /srv/models/digits",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     exp.add_argument("run_dir", metavar="RUN_DIR")
@@ -215,10 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser(
         "verify", help="check that a checkpoint or a SavedModel is complete and readable",
         description="For a checkpoint prefix: read every tensor. For a SavedModel directory: "
-                    "load it and print each signature's inputs and outputs.",
-        epilog="examples:\n  ckptkit verify runs/digits/checkpoints/ckpt-1500\n  ckptkit verify runs/digits/export/1",
+                    "read its signatures from saved_model.pb and every variable through the "
+                    "checkpoint reader, and print each signature's inputs and outputs. This only "
+                    "reads files: a SavedModel from elsewhere can be checked safely. --load also "
+                    "loads it with tf.saved_model.load, which RUNS operations of the model's "
+                    "graph (its initializers): use it only on SavedModels you trust.",
+        epilog="examples:\n  ckptkit verify runs/digits/checkpoints/ckpt-1500\n  ckptkit verify runs/digits/export/1\n"
+               "  ckptkit verify --load runs/digits/export/1",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ver.add_argument("path", metavar="CKPT_OR_EXPORT")
+    ver.add_argument("--load", action="store_true",
+                     help="also load the SavedModel with TensorFlow (runs its graph's initializers)")
     ver.set_defaults(func=cmd_verify)
     ins = sub.add_parser(
         "inspect", help="list a checkpoint's variables: object-graph paths, shapes, dtypes",

@@ -1,9 +1,12 @@
 """SavedModel export into versioned directories, as TensorFlow Serving expects.
 
 ``export_dir/<version>/`` with ``version`` one more than the highest existing integer. The
-SavedModel is written to a hidden temporary directory beside it and renamed into place, so
-a crash never leaves a half-written export under a version number. ``assets.extra/
-ckptkit_export.json`` records which checkpoint (step, metrics) the export came from.
+SavedModel is written to a hidden temporary directory beside it (``.tmp-<pid>-<random>``,
+created exclusively, holding a marker file) and renamed into place, so a crash never leaves a
+half-written export under a version number. ``assets.extra/ckptkit_export.json`` records
+which checkpoint (step, metrics, and the identity the checkpoint was given at save time) the
+export came from; it is also the mark of a version ckptkit made: only such versions, real
+directories and not links, are ever pruned or reused.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -18,32 +22,46 @@ import numpy as np
 import tensorflow as tf
 
 from ckptkit.errors import ExportError
-from ckptkit.metadata import atomic_write_text
+from ckptkit import storage
+from ckptkit.storage import atomic_write_text
 from ckptkit.runlock import pid_alive
 
 log = logging.getLogger("ckptkit")
 
 EXPORT_INFO = "ckptkit_export.json"
+#: Written first into an export's temporary directory: what marks it as ckptkit's own.
+TMP_MARKER = ".ckptkit-export-in-progress"
 
 
 def versions(export_dir: str) -> list:
-    """The integer version directories under ``export_dir``, ascending."""
-    if not tf.io.gfile.isdir(export_dir):
-        return []
+    """The integer version directories under ``export_dir`` (real ones, with a
+    ``saved_model.pb``), ascending."""
     out = []
-    for name in tf.io.gfile.listdir(export_dir):
-        name = name.rstrip("/")
-        if name.isdigit() and tf.io.gfile.exists(os.path.join(export_dir, name, "saved_model.pb")):
+    for name in storage.listdir(export_dir):
+        path = os.path.join(export_dir, name)
+        if name.isdigit() and storage.is_real_dir(path) and \
+                storage.is_real_file(os.path.join(path, "saved_model.pb")):
             out.append(int(name))
     return sorted(out)
 
 
+def _next_version(export_dir: str) -> int:
+    """One more than any integer name there, whatever it is (a link, a file, a version)."""
+    return max([int(n) for n in storage.listdir(export_dir) if n.isdigit()], default=0) + 1
+
+
 def read_export_info(version_dir: str) -> Optional[dict]:
-    path = os.path.join(version_dir, "assets.extra", EXPORT_INFO)
-    if not tf.io.gfile.exists(path):
+    """The record ckptkit wrote into an export, or None (not ckptkit's, a link, unreadable)."""
+    extra = os.path.join(version_dir, "assets.extra")
+    path = os.path.join(extra, EXPORT_INFO)
+    if not (storage.is_real_dir(version_dir) and storage.is_real_dir(extra) and storage.is_real_file(path)):
         return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            info = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 class _ExportRoot(tf.Module):
@@ -94,14 +112,28 @@ def _with_named_outputs(fn: Callable) -> Callable:
 
 
 def _remove_stale_temporaries(export_dir: str) -> None:
-    """Remove ``.tmp-<version>-<pid>`` directories left by exports killed on this host."""
-    for name in tf.io.gfile.listdir(export_dir):
-        name = name.rstrip("/")
+    """Remove ``.tmp-<pid>-<random>`` directories left by exports killed on this host: only
+    real directories holding ckptkit's marker, whose process is gone."""
+    for name in storage.listdir(export_dir):
         parts = name.split("-")
-        if len(parts) == 3 and parts[0] == ".tmp" and parts[2].isdigit():
-            if not pid_alive(int(parts[2])):
-                tf.io.gfile.rmtree(os.path.join(export_dir, name))
-                log.info("removed %s, left by an interrupted export", os.path.join(export_dir, name))
+        if len(parts) != 3 or parts[0] != ".tmp" or not parts[1].isdigit() or pid_alive(int(parts[1])):
+            continue
+        path = os.path.join(export_dir, name)
+        if storage.is_real_file(os.path.join(path, TMP_MARKER)) and storage.remove_tree(path):
+            log.info("removed %s, left by an interrupted export", path)
+
+
+def _make_temporary(export_dir: str) -> str:
+    """A fresh, exclusively created temporary directory with ckptkit's marker in it."""
+    for _ in range(10):
+        tmp = os.path.join(export_dir, f".tmp-{os.getpid()}-{secrets.token_hex(6)}")
+        try:
+            storage.make_dir_exclusive(tmp)
+        except FileExistsError:
+            continue
+        storage.write_new(os.path.join(tmp, TMP_MARKER), b"")
+        return tmp
+    raise ExportError(f"cannot create a temporary directory in {export_dir}")
 
 
 def export_saved_model(
@@ -119,11 +151,9 @@ def export_saved_model(
             "'serving_default', the signature TensorFlow Serving calls by default")
     tf.io.gfile.makedirs(export_dir)
     _remove_stale_temporaries(export_dir)
-    version = (versions(export_dir) or [0])[-1] + 1
+    version = _next_version(export_dir)
     final = os.path.join(export_dir, str(version))
-    tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
+    tmp = _make_temporary(export_dir)
     root = _ExportRoot(model)
     try:
         tf.saved_model.save(root, tmp, signatures=dict(signatures))
@@ -133,10 +163,12 @@ def export_saved_model(
                           json.dumps(dict(info), indent=1, default=str) + "\n")
         if config_yaml is not None:
             atomic_write_text(os.path.join(extra, "config.yaml"), config_yaml)
+        storage.remove_file(os.path.join(tmp, TMP_MARKER))
         tf.io.gfile.rename(tmp, final)
-    except Exception as exc:
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.rmtree(tmp)
+    except BaseException as exc:
+        storage.remove_tree(tmp)
+        if not isinstance(exc, Exception):
+            raise  # an interrupt: cleaned up, passed on
         raise ExportError(f"exporting the SavedModel to {final} failed: {exc}") from exc
     log.info("exported SavedModel version %d to %s (step %s)", version, final, info.get("step"))
     return final
@@ -149,7 +181,8 @@ def prune_versions(export_dir: str, keep: int) -> List[str]:
             if read_export_info(os.path.join(export_dir, str(v))) is not None]
     for v in ours[:-keep] if keep else []:
         path = os.path.join(export_dir, str(v))
-        tf.io.gfile.rmtree(path)
+        if not storage.remove_tree(path):
+            continue
         removed.append(path)
         log.info("deleted export version %d (export.max_to_keep=%d)", v, keep)
     return removed
@@ -206,16 +239,17 @@ def export_checkpoint(
 
     The live ``model`` is loaded with the checkpoint's weights (unless it already is at
     ``current_step == source.step``), exported, optionally verified, and put back as it was.
-    With ``reuse``, an existing newest export of the same checkpoint is returned instead.
+    With ``reuse``, an existing newest export of the same checkpoint is returned instead:
+    only when it provably came from it (the identity ``source.uid`` given at save time).
     """
-    if reuse:
+    if reuse and source.uid:
         existing = versions(export_dir)
         if existing:
             newest = os.path.join(export_dir, str(existing[-1]))
             done = read_export_info(newest)
-            if done and done.get("step") == source.step and \
-                    done.get("checkpoint") == os.path.basename(source.path):
-                log.info("export of step %d already at %s", source.step, newest)
+            if done and done.get("checkpoint_uid") == source.uid:
+                log.info("reusing export %d of checkpoint %s (step %d): %s", existing[-1],
+                         source.path, source.step, newest)
                 return newest
     snapshot = [v.numpy() for v in model.variables]
     try:
@@ -225,6 +259,7 @@ def export_checkpoint(
             status.expect_partial()
         signatures = named_signatures(make_signatures())
         record = {"step": source.step, "checkpoint": os.path.basename(source.path),
+                  "checkpoint_uid": source.uid,
                   "metrics": source.metrics, "exported_at": time.time(), **dict(info or {})}
         path = export_saved_model(model, signatures, export_dir, info=record, config_yaml=config_yaml)
         if verify and sample is not None:

@@ -14,8 +14,11 @@ import time
 from typing import Any, Dict, Mapping
 
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hp
+
+from ckptkit import storage
 
 log = logging.getLogger("ckptkit")
 
@@ -23,29 +26,43 @@ _EVENTS = "events.out.tfevents."
 
 
 def _event_files(directory: str):
-    if not tf.io.gfile.isdir(directory):
-        return []
-    return sorted(os.path.join(directory, n) for n in tf.io.gfile.listdir(directory) if _EVENTS in n)
+    """The event files of ``directory``: real files (no links, no temporaries of ours)."""
+    paths = (os.path.join(directory, n) for n in storage.listdir(directory)
+             if _EVENTS in n and storage.TMP_MARK not in n)
+    return sorted(p for p in paths if storage.is_real_file(p))
+
+
+def _read_records(path: str):
+    """The records of an event file up to the first torn or corrupt one; and the error."""
+    records = []
+    try:
+        for record in tf.data.TFRecordDataset(path):
+            raw = record.numpy()
+            records.append((raw, event_pb2.Event.FromString(raw)))
+    except (tf.errors.OpError, DecodeError) as exc:
+        return records, (getattr(exc, "message", None) or str(exc)).splitlines()[0]
+    return records, None
 
 
 def truncate_events(directory: str, step: int) -> int:
     """Drop events with a step after ``step`` from the event files in ``directory``.
 
-    Returns how many events were dropped. Files are rewritten only when they change.
+    Returns how many events were dropped. Files are rewritten only when they change. A
+    file that is torn or corrupt (a crash mid-write, a flipped bit) keeps the records
+    before the damage, and is named in a warning: TensorBoard history is never a reason
+    not to resume.
     """
     dropped = 0
     for path in _event_files(directory):
-        kept, removed = [], 0
-        for record in tf.data.TFRecordDataset(path):
-            raw = record.numpy()
-            event = event_pb2.Event.FromString(raw)
-            if event.step > step and not event.HasField("file_version"):
-                removed += 1
-            else:
-                kept.append(raw)
-        if not removed:
+        records, damage = _read_records(path)
+        kept = [raw for raw, event in records if event.step <= step or event.HasField("file_version")]
+        removed = len(records) - len(kept)
+        if damage:
+            log.warning("TensorBoard event file %s is damaged (%s): keeping its %d readable "
+                        "record(s) before the damage, dropping the rest", path, damage, len(records))
+        elif not removed:
             continue
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = storage.temporary_name(path)
         with tf.io.TFRecordWriter(tmp) as writer:
             for raw in kept:
                 writer.write(raw)
@@ -86,8 +103,8 @@ class SummaryWriters:
         """Cut every phase's event files back to ``step`` (call before writing)."""
         if not tf.io.gfile.isdir(self.log_dir):
             return
-        phases = [""] + [p.rstrip("/") for p in tf.io.gfile.listdir(self.log_dir)
-                         if tf.io.gfile.isdir(os.path.join(self.log_dir, p))]
+        phases = [""] + [p for p in storage.listdir(self.log_dir)
+                         if storage.is_real_dir(os.path.join(self.log_dir, p))]
         newest = 0
         for phase in phases:
             for path in _event_files(os.path.join(self.log_dir, phase)):
