@@ -19,7 +19,7 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from ckptkit.errors import CkptkitError
-from ckptkit.metadata import atomic_write_text
+from ckptkit.storage import atomic_write_text
 
 RUN_FILE = "ckptkit_run.yaml"
 
