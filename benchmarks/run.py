@@ -1,6 +1,6 @@
 """ckptkit against what users would otherwise write, side by side in one run.
 
-    python benchmarks/run.py [--quick] [--reps 3] [--json out.json] [--only loop,savecost,overhead,io,resume]
+    python benchmarks/run.py [--quick] [--reps 3] [--json out.json] [--only loop,savecost,finite,overhead,io,resume]
 
 1. loop      steps/s of a small MLP (64 inputs, batch 64): a hand-written tf.function step in a
              Python loop, the same with 100 steps fused in one tf.function, Keras fit with
@@ -9,6 +9,10 @@
    savecost  where one save of that trainer goes: the data iterator's snapshot, the blocking
              save() call, and a complete save with and without the data iterator (wall and
              CPU time, writer thread included).
+   finite    the check that every weight is finite, which the Trainer runs before each save
+             (one fused reduction, one read to the host), against one bare synchronous
+             Checkpoint.write of the same variables: the large model of 2. and workload 1's
+             MLP with its Adam slots.
 2. overhead  training throughput of a large model (--mb of float32 variables, SGD) saving every
              few seconds, as a fraction of the same loop without checkpoints: ckptkit async,
              ckptkit sync, a hand-written loop with tf.train.CheckpointManager.save, Keras fit
@@ -372,6 +376,36 @@ def bench_savecost(args, tmp):
     return run_alternating(contenders, reps, "ms", extra="CPU ms")
 
 
+# --- the finite-weights check before a save --------------------------------------------------
+
+def bench_finite(args, tmp):
+    from ckptkit.loop import FiniteCheck
+
+    mb = 16 if args.quick else args.mb
+    big, _ = big_model(mb)
+    mlp_model, opt = mlp(), tf.keras.optimizers.Adam(1e-3)
+    make_step(mlp_model, opt)(next(iter(small_data())))  # creates the Adam slots
+    cases = {f"{mb} MB model": big.variables, "workload-1 MLP + Adam": [*mlp_model.variables, *opt.variables]}
+    contenders = {}
+    for label, variables in cases.items():
+        check = FiniteCheck(variables)
+        check()  # traces
+        writer = tf.train.Checkpoint(v=list(variables))
+        prefix = tempfile.mkdtemp(dir=tmp) + "/ckpt"
+
+        def timed(fn):
+            def go():
+                t0 = time.perf_counter()
+                fn()
+                return (time.perf_counter() - t0) * 1e3
+            return go
+
+        contenders[f"{label}: bare Checkpoint.write"] = timed(lambda w=writer, p=prefix: w.write(p))
+        contenders[f"{label}: finite check"] = timed(lambda c=check: c())
+    reps = 3 if args.quick else max(args.reps, 3) * 3
+    return run_alternating(contenders, reps, "ms")
+
+
 # --- workload 4: resume latency ---------------------------------------------------------------
 
 def bench_resume(args, tmp):
@@ -438,7 +472,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny workloads, 1 repetition (smoke run)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--mb", type=int, default=256, help="size of the large model's variables")
-    parser.add_argument("--only", default="loop,savecost,overhead,io,resume")
+    parser.add_argument("--only", default="loop,savecost,finite,overhead,io,resume")
     parser.add_argument("--json", help="write the raw figures here")
     args = parser.parse_args()
     if args.quick:
@@ -453,6 +487,11 @@ def main():
             out["savecost"] = bench_savecost(args, tmp)
             print_table("1b. where one save of workload 1 goes", out["savecost"],
                         "save + wait, without the data iterator")
+        if "finite" in wanted:
+            out["finite"] = bench_finite(args, tmp)
+            mb = 16 if args.quick else args.mb
+            print_table("1c. the finite-weights check before each save", out["finite"],
+                        f"{mb} MB model: bare Checkpoint.write")
         if "overhead" in wanted:
             out["overhead"] = bench_overhead(args, tmp)
             print_table(f"2. checkpoint overhead, {16 if args.quick else args.mb} MB model",

@@ -92,6 +92,11 @@ class Checkpointer:
         # reads the chief's checkpoints in `directory` and writes nothing there.
         self.worker_dir = None if worker_dir is None else str(worker_dir)
         self._worker_saved: set = set()
+        if self.worker_dir and storage.is_link(self.worker_dir):
+            into = self._aside_dir()
+            storage.move_aside(self.worker_dir, into)
+            log.warning("moved the link %s aside to %s: a worker writes into a real directory",
+                        self.worker_dir, into)
         if self.worker_dir and storage.remove_tree(self.worker_dir):
             log.info("removed %s, left by an earlier launch of this worker", self.worker_dir)
         self.best_metric = best_metric

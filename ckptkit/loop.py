@@ -181,6 +181,10 @@ class FiniteCheck:
 
         self._all_finite = tf.function(all_finite_fn)
 
+    def trace(self) -> None:
+        """Trace the reduction now (at build time), not inside the first save."""
+        self._all_finite.get_concrete_function()
+
     def __call__(self) -> list:
         """The names of the variables holding a NaN or infinity ([] when all are finite)."""
         if bool(self._all_finite()):

@@ -93,7 +93,10 @@ class PreemptionWatch:
         if self._thread is None or not self._thread.is_alive():
             self._note(signum)
         if self.interrupt_python:
+            # This handler can run before the watcher thread has read the signal: record it
+            # here too (once; the watcher's _note then only counts a Ctrl-C).
             self.interrupt_python = False
+            self._request(signum)
             raise ExportInterrupted(signum)
 
     def _note(self, signum: int) -> None:
@@ -102,6 +105,9 @@ class PreemptionWatch:
             if self._sigints >= 2:
                 log.error("second Ctrl-C: exiting now without saving")
                 os._exit(EXIT_INTERRUPTED)
+        self._request(signum)
+
+    def _request(self, signum: int) -> None:
         if self.signum is None:
             self.signum = signum
             log.warning("%s received: finishing the current step and the save in flight, "

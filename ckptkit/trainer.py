@@ -243,6 +243,7 @@ class Trainer:
                                             self._watch.flag, dist if dist.distributed else None)
         self._train_fn.trace(s.trainer.steps_per_loop)
         self._finite = loop_lib.FiniteCheck([*self.model.variables, *self.optimizer.variables])
+        self._finite.trace()
         hidden = unreachable_variables(self.model)
         if hidden:
             raise CheckpointMismatchError(

@@ -4,6 +4,12 @@ Values are YAML (``trainer.max_steps=30``, ``model.kind=keras_list``). Prints on
 ``RESULT {json}`` at the end, with the step reached, where it resumed from and a hash of
 every model and optimizer variable, so tests can compare runs bit for bit. ``data.step_sleep``
 makes each step sleep (inside the graph) so a signal can arrive mid-run.
+
+``TOY_PAUSE=<phase>:<seconds>`` pauses once in one phase of ``fit()`` outside the train loop,
+after printing ``PAUSE <phase>``, so a test can send a signal right then: ``build`` (building
+the model), ``restore`` (restoring a checkpoint), ``final_eval`` (the eval at the last step),
+``final_save`` (the background write of the last checkpoint, while fit() waits for it),
+``export`` (building the serving signatures of the final export).
 """
 
 import hashlib
@@ -21,8 +27,50 @@ import yaml  # noqa: E402
 
 from conftest import ToyTrainer, make_cfg  # noqa: E402
 
+PHASE, _, PAUSE = os.environ.get("TOY_PAUSE", "").partition(":")
+
+
+def pause(phase: str) -> None:
+    global PHASE
+    if phase == PHASE:
+        PHASE = None  # once
+        print(f"PAUSE {phase}", flush=True)
+        __import__("time").sleep(float(PAUSE))
+
+
+def _pause_in_ckptkit() -> None:
+    from ckptkit import checkpointer, metadata
+
+    restore, fsync = checkpointer.Checkpointer.restore, metadata.fsync_checkpoint
+
+    def slow_restore(self, *a, **kw):
+        pause("restore")
+        return restore(self, *a, **kw)
+
+    def slow_fsync(prefix):
+        if os.path.basename(prefix) == f"ckpt-{os.environ.get('TOY_LAST_STEP')}":
+            pause("final_save")
+        return fsync(prefix)
+
+    checkpointer.Checkpointer.restore = slow_restore
+    metadata.fsync_checkpoint = slow_fsync
+
 
 class SlowToyTrainer(ToyTrainer):
+    def build_model(self):
+        pause("build")
+        return super().build_model()
+
+    def eval_step(self, batch):
+        if PHASE == "final_eval":
+            last = int(self.cfg.trainer.max_steps)
+            tf.py_function(lambda s: pause("final_eval") if int(s) == last else None, [self.global_step], [])
+        return super().eval_step(batch)
+
+    def serving_signatures(self):
+        pause("export")
+        return super().serving_signatures()
+
     def train_step(self, batch):
         pause = float(self.cfg.data.get("step_sleep") or 0.0)
         if pause:
@@ -44,6 +92,8 @@ def main() -> None:
         key, value = item.split("=", 1)
         kw[key] = yaml.safe_load(value)
     trainer = SlowToyTrainer(make_cfg(run_dir, **kw))
+    os.environ["TOY_LAST_STEP"] = str(trainer.settings.trainer.max_steps)
+    _pause_in_ckptkit()
     marker = kw.get("data.chain_marker")
     if marker:  # stands in for a scheduler helper's handler (submitit's requeue on SIGUSR2)
         def requeue(signum, frame):
