@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from ckptkit import storage
 from ckptkit.policies import CheckpointInfo
+from ckptkit.runlock import OWNER_FILE
 
 log = logging.getLogger("ckptkit")
 
@@ -41,7 +42,8 @@ _DATA_RE = re.compile(rf"^{PREFIX}-(\d+)\.data-\d{{5}}-of-\d{{5}}$")
 # and merges them into <prefix>.index and .data-* when the save completes.
 _TEMP_RE = re.compile(rf"^{PREFIX}-(\d+)_temp(_[0-9a-f]+)?$")
 # ckptkit's own temporaries: <bookkeeping file>.tmp-<hex> (older versions: .tmp-<pid>).
-_OWN_TMP_RE = re.compile(rf"^({re.escape(METADATA_FILE)}|{STATE_FILE}){re.escape(storage.TMP_MARK)}[0-9a-f]+$")
+_OWN_TMP_RE = re.compile(rf"^({re.escape(METADATA_FILE)}|{STATE_FILE}|{re.escape(OWNER_FILE)})"
+                         rf"{re.escape(storage.TMP_MARK)}[0-9a-f]+$")
 # Any steps ckptkit could write: larger ones are no step of a real run (and no int64).
 _MAX_STEP = 2**62
 

@@ -287,6 +287,8 @@ class Trainer:
                         "(nothing deleted); starting fresh", moved)
             self.checkpointer = None
             self.build()
+            if self.is_chief:
+                claim_checkpoint_dir(c.dir, self.run_dir)  # the owner record moved with them
         ckpt = self.checkpointer
         if ckpt.checkpoints and c.resume != "never":
             changes = self._config_changes()

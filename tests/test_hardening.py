@@ -247,6 +247,7 @@ def test_a_fresh_start_never_gets_the_old_runs_export(tmp_path, caplog):
     cfg["checkpoint"]["resume"] = "never"
     cfg["optim"]["lr"] = 0.05
     new = ToyTrainer(cfg).fit()
+    assert (run / "checkpoints" / ".ckptkit-owner.json").exists()  # claimed again at once
     assert new.export_path == str(run / "export" / "2")
     uid = {c.step: c.uid for c in metadata.scan(str(run / "checkpoints"))}[10]
     assert uid and export_lib.read_export_info(new.export_path)["checkpoint_uid"] == uid
@@ -468,6 +469,7 @@ def test_the_leftovers_of_crashed_saves_are_removed_and_nothing_else(tmp_path):
     (d / "ckpt-15.data-00000-of-00001").write_bytes(b"\0" * 100)
     (d / "metadata.json.tmp-12345").write_text("{")
     (d / "checkpoint.tmp-4f3e2a1b0c9d8e7f").write_text("x")
+    (d / ".ckptkit-owner.json.tmp-00aa11bb22cc33dd").write_text("{")
     os.symlink(outside, d / "ckpt-16_temp")
     mine = ["notes.txt", "metadata.json.bak", "ckpt-15.index.bak", "checkpoint.tmp-notours"]
     for name in mine:
@@ -476,7 +478,8 @@ def test_the_leftovers_of_crashed_saves_are_removed_and_nothing_else(tmp_path):
     ToyTrainer(cfg).fit()
     names = set(os.listdir(d))
     assert not names & {"ckpt-15_temp", "ckpt-15_temp_0123abcd", "ckpt-15.data-00000-of-00001",
-                        "metadata.json.tmp-12345", "checkpoint.tmp-4f3e2a1b0c9d8e7f"}
+                        "metadata.json.tmp-12345", "checkpoint.tmp-4f3e2a1b0c9d8e7f",
+                        ".ckptkit-owner.json.tmp-00aa11bb22cc33dd"}
     assert set(mine) <= names and os.path.islink(d / "ckpt-16_temp")
     assert (outside / "keep").read_text() == "keep"
     assert steps_on_disk(d) == [5, 10, 12] or steps_on_disk(d) == [10, 12]

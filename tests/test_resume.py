@@ -108,7 +108,6 @@ def test_kill_9_at_random_instants_always_resumes(tmp_path):
     while kills < 20:
         proc = start(run_dir, *common)
         lines = wait_for_line(proc, "training toy from step")
-        began = int(lines[-1].split("from step ")[1].split()[0])
         time.sleep(rng.uniform(0.0, 0.8))
         proc.kill()
         out, _ = proc.communicate(timeout=60)
@@ -127,7 +126,10 @@ def test_kill_9_at_random_instants_always_resumes(tmp_path):
     code, out = run(run_dir, *common)
     assert code == 0, out[-3000:]
     final = result_of(out)
-    assert kills == 20 and final["step"] == 3000 and final["resumed_from"] > began
+    # The last relaunch resumes from the newest complete checkpoint the kills left (whether
+    # the last killed launch got to save depends on where its kill fell: 0.3-0.5 s pass
+    # between "training from" and the first save of a relaunch on this machine).
+    assert kills == 20 and final["step"] == 3000 and final["resumed_from"] == on_disk[-1] > 0
     assert final["model"] == straight["model"] and final["optimizer"] == straight["optimizer"]
 
 
