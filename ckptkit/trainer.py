@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from ckptkit import distribute
+from ckptkit import distribute, storage
 from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
@@ -128,6 +128,7 @@ class Trainer:
         self._progress = Progress("log", 0, 0)
         self._stopped = False  # a worker (this or, with several, any) was preempted
         self._finite: Optional[loop_lib.FiniteCheck] = None
+        self._locks: list = []  # held by the chief while fit() runs
 
     @property
     def is_chief(self) -> bool:
@@ -287,8 +288,9 @@ class Trainer:
                         "(nothing deleted); starting fresh", moved)
             self.checkpointer = None
             self.build()
-            if self.is_chief:
-                claim_checkpoint_dir(c.dir, self.run_dir)  # the owner record moved with them
+            if self.is_chief:  # the lock and owner record moved with them
+                self._lock_checkpoint_dir()
+                claim_checkpoint_dir(c.dir, self.run_dir)
         ckpt = self.checkpointer
         if ckpt.checkpoints and c.resume != "never":
             changes = self._config_changes()
@@ -347,14 +349,31 @@ class Trainer:
         with self._watch:
             if not self.is_chief:
                 return self._fit()
+            self._locks = []
             try:
-                lock = RunLock(self.run_dir).acquire()
-            except OSError as exc:  # read-only, not a directory, no permission
-                raise CheckpointSaveError(f"cannot write to the run directory {self.run_dir}: {exc}") from exc
-            try:
+                try:
+                    self._locks.append(RunLock(self.run_dir).acquire())
+                except OSError as exc:  # read-only, not a directory, no permission
+                    raise CheckpointSaveError(
+                        f"cannot write to the run directory {self.run_dir}: {exc}") from exc
+                self._lock_checkpoint_dir()
                 return self._fit()
             finally:
-                lock.release()
+                for lock in reversed(self._locks):
+                    lock.release()
+
+    def _lock_checkpoint_dir(self) -> None:
+        """A ``checkpoint.dir`` outside the run directory gets the one-writer lock too: two
+        runs racing onto one fresh checkpoint directory cannot both claim it."""
+        c = self.settings.checkpoint.dir
+        if not storage.is_local(c) or not storage.is_local(self.run_dir):
+            return
+        inside = os.path.commonpath([os.path.abspath(c), os.path.abspath(self.run_dir)])
+        if inside != os.path.abspath(self.run_dir):
+            try:
+                self._locks.append(RunLock(c).acquire())
+            except OSError as exc:
+                raise CheckpointSaveError(f"cannot write to checkpoint.dir {c}: {exc}") from exc
 
     def _stop_if_requested(self, step: int) -> None:
         """Between phases of fit(): stop now if a signal came (one process only; several

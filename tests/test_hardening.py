@@ -275,6 +275,21 @@ def test_a_second_run_on_the_same_checkpoint_dir_is_refused(tmp_path):
     assert ToyTrainer(a).fit().resumed_from == 10  # the owner goes on
 
 
+def test_a_checkpoint_dir_outside_the_run_is_locked_too(tmp_path):
+    shared = tmp_path / "shared-ckpts"
+    held = RunLock(str(shared)).acquire()  # another run's launch is in it right now
+    try:
+        cfg = make_cfg(tmp_path / "b", **{"trainer.max_steps": 5, "checkpoint.dir": str(shared)})
+        with pytest.raises(RunLockedError, match=str(shared)):
+            ToyTrainer(cfg).fit()
+    finally:
+        held.release()
+    cfg["checkpoint"]["resume"] = "never"
+    assert ToyTrainer(cfg).fit().step == 5
+    ToyTrainer(cfg).fit()  # moves the first aside, locks and claims the fresh directory
+    assert not (shared / LOCK_FILE).exists() and (shared / ".ckptkit-owner.json").exists()
+
+
 def test_a_moved_run_directory_still_owns_its_checkpoints(tmp_path):
     cfg = make_cfg(tmp_path / "a", **{"trainer.max_steps": 10})
     ToyTrainer(cfg).fit()
