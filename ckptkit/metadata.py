@@ -91,13 +91,6 @@ def fsync_checkpoint(prefix: str) -> None:
     storage.fsync_path(os.path.dirname(prefix) or ".")
 
 
-def symlinked_files(prefix: str) -> List[str]:
-    """Files of the checkpoint at ``prefix`` that are symbolic links (refused by ckptkit)."""
-    if not storage.is_local(prefix):
-        return []
-    return [f for f in checkpoint_files(prefix) if os.path.islink(f)]
-
-
 def _finite_or_none(v):
     if isinstance(v, bool):
         return None
@@ -265,26 +258,26 @@ def scan(directory: str, *, doc: Optional[dict] = None) -> List[CheckpointInfo]:
     return found
 
 
-def leftovers(directory: str) -> List[str]:
-    """What saves that never completed left behind: TensorFlow's ``ckpt-<step>_temp``
-    shard directories, data shards of a step without an index, and ckptkit's own
-    temporary bookkeeping files. Only names ckptkit's saves create."""
-    names = storage.listdir(directory)
+def _unfinished(names: Sequence[str]) -> List[str]:
+    """The names, among ``names``, of what saves that never completed leave: TensorFlow's
+    ``ckpt-<step>_temp`` shard directories and data shards of a step without an index."""
     indexed = {int(m.group(1)) for m in map(_INDEX_RE.match, names) if m}
-    out = []
-    for n in sorted(names):
-        data = _DATA_RE.match(n)
-        if (data and int(data.group(1)) not in indexed) or _TEMP_RE.match(n) or _OWN_TMP_RE.match(n):
-            out.append(os.path.join(directory, n))
-    return out
+    return sorted(n for n in names
+                  if (_DATA_RE.match(n) and int(_DATA_RE.match(n).group(1)) not in indexed)
+                  or _TEMP_RE.match(n))
+
+
+def leftovers(directory: str) -> List[str]:
+    """What saves that never completed left behind (see :func:`_unfinished`), and ckptkit's
+    own temporary bookkeeping files. Only names ckptkit's saves create."""
+    names = storage.listdir(directory)
+    ours = _unfinished(names) + [n for n in names if _OWN_TMP_RE.match(n)]
+    return [os.path.join(directory, n) for n in sorted(ours)]
 
 
 def _report_incomplete(directory: str, names: Sequence[str]) -> None:
     """Warn about the remains of saves that never completed (a crash mid-write)."""
-    indexed = {int(m.group(1)) for m in map(_INDEX_RE.match, names) if m}
-    orphans = sorted({n for n in names
-                      if (_DATA_RE.match(n) and int(_DATA_RE.match(n).group(1)) not in indexed)
-                      or _TEMP_RE.match(n)})
+    orphans = _unfinished(names)
     if orphans:
         log.warning("ignoring incomplete checkpoint files in %s (a save that did not finish; "
                     "no .index): %s", directory, ", ".join(orphans))

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptkit
-from ckptkit import metadata, storage
+from ckptkit import storage
 from ckptkit.policies import KeepAny, KeepBest, KeepNewest
 from ckptkit.runlock import LOCK_FILE
 
