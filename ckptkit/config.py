@@ -111,6 +111,9 @@ class CheckpointConfig:
     async_save: bool = True
     resume: Resume = Resume.auto
     init_from: InitFromConfig = field(default_factory=InitFromConfig)
+    # The run lock's lease: its holder refreshes the lock file at least every 30 s; a lock
+    # from another host not refreshed for this long is stale (a node that died).
+    lock_lease_seconds: float = 120.0
 
 
 @dataclass
@@ -258,6 +261,7 @@ def validate(run: RunConfig) -> RunConfig:
     _positive("checkpoint.save_every_steps", c.save_every_steps, allow_none=True, integer=True)
     _positive("checkpoint.save_every_seconds", c.save_every_seconds, allow_none=True, integer=False)
     _positive("checkpoint.best.keep", c.best.keep, allow_none=False, integer=True)
+    _positive("checkpoint.lock_lease_seconds", c.lock_lease_seconds, allow_none=False, integer=False)
     for step in c.save_at_steps:
         _positive("checkpoint.save_at_steps", step, allow_none=False, integer=True)
     _one_of("checkpoint.best.mode", c.best.mode, BEST_MODES)

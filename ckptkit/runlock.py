@@ -9,8 +9,12 @@ disk at the lock write) is stale when nobody holds its ``flock``. After locking,
 checks that the file it locked is still the one at the path (a releasing holder unlinks
 it), else it tries again.
 
-A lock record from another host is not taken over: on a filesystem shared between hosts
-that does not pass ``flock`` on, its holder cannot be checked from here.
+A lock record from another host cannot be checked by pid, so the lock is a lease: its
+holder refreshes the file's modification time at least every 30 s (a daemon thread), and a
+lock from another host not refreshed for ``lease_seconds`` (``checkpoint.lock_lease_seconds``,
+120 s by default) is stale: its node died, was fenced or lost the filesystem. A lock taken
+under the same ``SLURM_JOB_ID`` as this launch (a requeue of the same job, usually on another
+node) is taken over at once. Every take-over is logged.
 
 Where ``flock`` is not supported (some network filesystems) the lock falls back to the
 record alone, with a warning; for a run directory on a remote filesystem (``gs://``)
@@ -30,6 +34,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from typing import Optional
 
@@ -81,11 +86,14 @@ def _parse(text: str) -> Optional[dict]:
 
 
 class RunLock:
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, *, lease_seconds: float = 120.0):
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, LOCK_FILE)
+        self.lease_seconds = float(lease_seconds)
         self.held = False
         self._fd: Optional[int] = None
+        self._stop_refresh = threading.Event()
+        self._refresher: Optional[threading.Thread] = None
 
     def _describe(self, record: Optional[dict]) -> str:
         if record is None:
@@ -109,6 +117,7 @@ class RunLock:
                 if self._try_lock(fd):
                     self._fd, fd = fd, None
                     self.held = True
+                    self._start_refresh()
                     return self
             finally:
                 if fd is not None:
@@ -134,25 +143,58 @@ class RunLock:
         if here is None or (here.st_ino, here.st_dev) != (st.st_ino, st.st_dev):
             return False  # unlinked by its releasing holder after we opened it
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        job = os.environ.get("SLURM_JOB_ID")
+        if job:
+            me["slurm_job_id"] = job
         text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
         other = _parse(text)
+        why = "which no longer holds it"
         if other is not None and other.get("host") != me["host"]:
-            raise self._refuse(other)
-        if other is not None and not locked and pid_alive(int(other["pid"])):
+            age = time.time() - st.st_mtime
+            if job and other.get("slurm_job_id") == job:
+                why = f"an earlier run of the same SLURM job {job} (requeued)"
+            elif age > self.lease_seconds:
+                why = (f"whose lease expired: not refreshed for {age:.0f} s "
+                       f"(checkpoint.lock_lease_seconds={self.lease_seconds:g})")
+            else:
+                raise RunLockedError(
+                    f"{self.run_dir} is in use by {self._describe(other)} (lock file {self.path}, "
+                    f"refreshed {age:.0f} s ago). A lock from another host is taken over once it "
+                    f"has not been refreshed for checkpoint.lock_lease_seconds="
+                    f"{self.lease_seconds:g} s, or at once by a requeue of the same SLURM job.")
+        elif other is not None and not locked and pid_alive(int(other["pid"])):
             raise self._refuse(other)
         if other is not None or text.strip():
-            log.warning("taking over the lock %s of %s, which no longer holds it", self.path,
-                        f"process {other.get('pid')}" if other else "a process (unreadable lock record)")
+            log.warning("taking over the lock %s of %s, %s", self.path,
+                        self._describe(other) if other else "a process (unreadable lock record)", why)
         data = json.dumps(me).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
         os.fsync(fd)
         return True
 
+    def _start_refresh(self) -> None:
+        """Touch the lock file every ``min(30, lease/4)`` s while it is held (the lease)."""
+        period = min(30.0, self.lease_seconds / 4)
+        fd, stop = self._fd, self._stop_refresh
+
+        def refresh():
+            while not stop.wait(period):
+                try:
+                    os.utime(fd)
+                except OSError as exc:  # the run goes on; a peer may take the lock later
+                    log.warning("cannot refresh the run lock %s: %s", self.path, exc)
+
+        self._refresher = threading.Thread(target=refresh, daemon=True, name="ckptkit-lock-lease")
+        self._refresher.start()
+
     def release(self) -> None:
         if not self.held:
             return
         self.held = False
+        self._stop_refresh.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
         fd, self._fd = self._fd, None
         if fd is None:
             return

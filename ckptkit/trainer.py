@@ -352,7 +352,8 @@ class Trainer:
             self._locks = []
             try:
                 try:
-                    self._locks.append(RunLock(self.run_dir).acquire())
+                    lease = self.settings.checkpoint.lock_lease_seconds
+                    self._locks.append(RunLock(self.run_dir, lease_seconds=lease).acquire())
                 except OSError as exc:  # read-only, not a directory, no permission
                     raise CheckpointSaveError(
                         f"cannot write to the run directory {self.run_dir}: {exc}") from exc
@@ -371,7 +372,8 @@ class Trainer:
         inside = os.path.commonpath([os.path.abspath(c), os.path.abspath(self.run_dir)])
         if inside != os.path.abspath(self.run_dir):
             try:
-                self._locks.append(RunLock(c).acquire())
+                lease = self.settings.checkpoint.lock_lease_seconds
+                self._locks.append(RunLock(c, lease_seconds=lease).acquire())
             except OSError as exc:
                 raise CheckpointSaveError(f"cannot write to checkpoint.dir {c}: {exc}") from exc
 

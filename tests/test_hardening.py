@@ -237,6 +237,62 @@ def test_a_held_lock_is_refused_in_the_same_and_another_process(tmp_path):
     lock.release()
 
 
+def _foreign_lock(run_dir, age, **extra):
+    """A lock record written by a process on another host, last refreshed ``age`` s ago."""
+    path = run_dir / LOCK_FILE
+    path.write_text(json.dumps({"pid": 12345, "host": "node-that-died", "started": 0, **extra}))
+    then = time.time() - age
+    os.utime(path, (then, then))
+
+
+def test_a_lock_from_another_host_is_a_lease(tmp_path, monkeypatch, caplog):
+    """(issue 18, item 2) A requeue on another node is not refused by its dead lock for ever."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    _foreign_lock(tmp_path, age=10)
+    with pytest.raises(RunLockedError, match=r"node-that-died .*refreshed 1\d s ago"):
+        RunLock(str(tmp_path), lease_seconds=120).acquire()
+    _foreign_lock(tmp_path, age=300)
+    with caplog.at_level("WARNING", logger="ckptkit"):
+        RunLock(str(tmp_path), lease_seconds=120).acquire().release()
+    assert "lease expired: not refreshed for 300 s" in caplog.text
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    _foreign_lock(tmp_path, age=1, slurm_job_id="1111")  # another job's live lock
+    with pytest.raises(RunLockedError):
+        RunLock(str(tmp_path), lease_seconds=120).acquire()
+    _foreign_lock(tmp_path, age=1, slurm_job_id="4242")  # this job, requeued on another node
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ckptkit"):
+        lock = RunLock(str(tmp_path), lease_seconds=120).acquire()
+    assert "same SLURM job 4242 (requeued)" in caplog.text
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["slurm_job_id"] == "4242"
+    lock.release()
+
+
+def test_the_holder_refreshes_its_lease(tmp_path):
+    lock = RunLock(str(tmp_path), lease_seconds=0.4).acquire()
+    then = time.time() - 100
+    os.utime(tmp_path / LOCK_FILE, (then, then))
+    time.sleep(0.6)
+    assert time.time() - os.stat(tmp_path / LOCK_FILE).st_mtime < 1
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_fit_takes_over_an_expired_lease_from_the_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    _foreign_lock(run, age=30)
+    cfg = make_cfg(run, **{"trainer.max_steps": 5})
+    with pytest.raises(RunLockedError, match="lock_lease_seconds=120"):
+        ToyTrainer(cfg).fit()
+    cfg["checkpoint"]["lock_lease_seconds"] = 10
+    assert ToyTrainer(cfg).fit().step == 5
+    cfg["checkpoint"]["lock_lease_seconds"] = 0
+    with pytest.raises(ckptkit.ConfigError, match="lock_lease_seconds"):
+        ToyTrainer(cfg)
+
+
 # --- 5. an export is reused only for the very checkpoint it came from --------------------
 
 def test_a_fresh_start_never_gets_the_old_runs_export(tmp_path, caplog):
