@@ -93,8 +93,7 @@ class Checkpointer:
         self.worker_dir = None if worker_dir is None else str(worker_dir)
         self._worker_saved: set = set()
         if self.worker_dir and storage.is_link(self.worker_dir):
-            into = self._aside_dir()
-            storage.move_aside(self.worker_dir, into)
+            into = self._move_aside([self.worker_dir])
             log.warning("moved the link %s aside to %s: a worker writes into a real directory",
                         self.worker_dir, into)
         if self.worker_dir and storage.remove_tree(self.worker_dir):
@@ -238,9 +237,13 @@ class Checkpointer:
         pending = self._pending
         return found or (pending if pending is not None and pending.step == step else None)
 
-    def _aside_dir(self) -> str:
+    def _move_aside(self, paths: List[str]) -> str:
+        """Move ``paths`` (links as links) into a fresh ``<directory>/unreadable/<time>/``."""
         stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-        return os.path.join(self.directory, metadata.UNREADABLE_DIR, stamp)
+        into = os.path.join(self.directory, metadata.UNREADABLE_DIR, stamp)
+        for p in paths:
+            storage.move_aside(p, into)
+        return into
 
     def _clear_the_way(self, step: int) -> None:
         """Move aside whatever already bears the names a save of ``step`` writes (a planted
@@ -248,9 +251,7 @@ class Checkpointer:
         in_the_way = metadata.names_in_the_way(self.directory, step)
         if not in_the_way:
             return
-        into = self._aside_dir()
-        for p in in_the_way:
-            storage.move_aside(p, into)
+        into = self._move_aside(in_the_way)
         log.warning("moved %s aside to %s: they were in the way of the save of step %d "
                     "(nothing deleted)", ", ".join(os.path.basename(p) for p in in_the_way),
                     into, step)
@@ -265,9 +266,7 @@ class Checkpointer:
             self._records.pop(info.step, None)
         if self.worker_dir:
             return None
-        into = self._aside_dir()
-        for f in metadata.checkpoint_files(info.path):
-            storage.move_aside(f, into)
+        into = self._move_aside(metadata.checkpoint_files(info.path))
         log.warning("moved the unreadable checkpoint %s aside to %s (%s); step %d will be "
                     "saved again when training reaches it", info.path, into, reason, info.step)
         self._write_bookkeeping()
@@ -325,7 +324,7 @@ class Checkpointer:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         step = metadata.step_of(prefix)
         for path in (metadata.names_in_the_way(os.path.dirname(prefix), step) if step is not None else []):
-            if path.endswith("_temp") or "_temp_" in os.path.basename(path):
+            if metadata.is_shard_temporary(os.path.basename(path)):
                 storage.remove_tree(path)  # TensorFlow's partial shards of this save: useless now
         if "space left" in text.lower() or "ENOSPC" in text:
             latest = self.latest

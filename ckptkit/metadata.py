@@ -73,6 +73,11 @@ def checkpoint_files(prefix: str, names: Optional[Sequence[str]] = None) -> List
     return [os.path.join(directory, n) for n in sorted(names) if _is_file_of(n, base)]
 
 
+def is_shard_temporary(name: str) -> bool:
+    """Whether ``name`` is TensorFlow's temporary shard directory of a save in progress."""
+    return bool(_TEMP_RE.match(name))
+
+
 def names_in_the_way(directory: str, step: int) -> List[str]:
     """Everything already named like the files a save of ``step`` writes (stale or planted)."""
     base = f"{PREFIX}-{step}"
