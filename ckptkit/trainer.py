@@ -382,10 +382,13 @@ class Trainer:
         workers stop together inside the loop)."""
         if self._watch.requested and not self.distribution.multi_worker:
             latest = self.checkpointer.latest if self.checkpointer else None
-            stop = Preempted(self._watch.signum, step, latest.path if latest else None, trained=False)
-            log.warning("%s", stop)
-            self._watch.chain()
-            raise stop
+            self._stop(Preempted(self._watch.signum, step, latest.path if latest else None, trained=False))
+
+    def _stop(self, stop: Preempted) -> None:
+        """Say why the run stops, hand the signal to the handler installed before, raise."""
+        log.warning("%s", stop)
+        self._watch.chain()
+        raise stop
 
     def _fit(self) -> FitResult:
         self.build()
@@ -437,10 +440,7 @@ class Trainer:
                  metadata_prefix(self.checkpointer.directory, step))
         if self._stopped and step < s.trainer.max_steps:
             self._summaries.close()
-            stop = Preempted(self._watch.signum, step, saved)
-            log.warning("%s", stop)
-            self._watch.chain()
-            raise stop
+            self._stop(Preempted(self._watch.signum, step, saved))
         export_path = None
         if s.export.enabled and self.is_chief:
             export_path = self._final_export(step, saved)
@@ -484,10 +484,7 @@ class Trainer:
             pass
         if watch.requested:
             self._summaries.close()
-            stop = Preempted(watch.signum, step, saved, complete=True, detail=how)
-            log.warning("%s", stop)
-            watch.chain()
-            raise stop
+            self._stop(Preempted(watch.signum, step, saved, complete=True, detail=how))
         if export_path and s.export.max_to_keep:
             export_lib.prune_versions(s.export.dir, s.export.max_to_keep)
         return export_path
