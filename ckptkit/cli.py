@@ -103,7 +103,8 @@ def cmd_export(args) -> int:
         os.chdir(record["cwd"])  # the user's relative data paths mean what they meant then
     try:
         trainer = cls(cfg)
-        path = trainer.export(from_=args.source, to=os.path.join(here, args.to) if args.to else None)
+        path = trainer.export(from_=args.source, to=os.path.join(here, args.to) if args.to else None,
+                              force=args.force)
     finally:
         os.chdir(here)
     if path is None:
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--from", dest="source", choices=["best", "last"], default=None,
                      help="which checkpoint (default: the run's export.from)")
     exp.add_argument("--to", metavar="DIR", default=None, help="export directory (default: the run's export.dir)")
+    exp.add_argument("--force", action="store_true",
+                     help="write a new version even when the newest one came from the same checkpoint "
+                          "and serves the same signatures (it is reused otherwise, and the log says so)")
     exp.set_defaults(func=cmd_export)
     ver = sub.add_parser(
         "verify", help="check that a checkpoint or a SavedModel is complete and readable",

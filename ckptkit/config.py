@@ -123,6 +123,8 @@ class ExportConfig:
     dir: str = "${run_dir}/export"
     from_: ExportFrom = ExportFrom.best
     verify: bool = True
+    # float16/bfloat16 serving outputs (mixed precision) are cast to float32 for clients.
+    cast_outputs_float32: bool = True
     enabled: bool = True
     on_best: bool = False
     max_to_keep: Optional[int] = None

@@ -11,10 +11,13 @@ directories and not links, are ever pruned or reused.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import secrets
+import subprocess
+import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -22,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from ckptkit.errors import ExportError
-from ckptkit import storage
+from ckptkit import serving_check, storage
 from ckptkit.storage import atomic_write_text
 from ckptkit.runlock import pid_alive
 
@@ -31,6 +34,12 @@ log = logging.getLogger("ckptkit")
 EXPORT_INFO = "ckptkit_export.json"
 #: Written first into an export's temporary directory: what marks it as ckptkit's own.
 TMP_MARKER = ".ckptkit-export-in-progress"
+#: ``assets.extra/<stem>_inputs.npz`` and ``_outputs.npz``: the batch an export was checked
+#: with and what the live model gave for it.
+CHECK_STEM = "ckptkit_check"
+#: Rows of the sample batch each signature is checked with.
+CHECK_ROWS = 8
+CHECK_TIMEOUT_SECONDS = 900
 
 
 def versions(export_dir: str) -> list:
@@ -64,22 +73,105 @@ def read_export_info(version_dir: str) -> Optional[dict]:
     return info if isinstance(info, dict) else None
 
 
-class _ExportRoot(tf.Module):
-    """What the SavedModel tracks: the model's variables and the signature functions."""
+# --- what the SavedModel tracks -------------------------------------------------------------
 
-    def __init__(self, model):
-        super().__init__(name="ckptkit_export")
-        self.model = model
-        # Every variable, listed directly: Keras 3 does not expose some of them (the state of
-        # a Dropout's seed generator) to SavedModel through the model's own children.
-        self.model_variables = list(getattr(model, "variables", []))
+class _Tree(tf.__internal__.tracking.AutoTrackable):
+    """A container in the export's copy of the model's object tree: children, nothing else."""
 
 
-def named_signatures(signatures: Mapping[str, Callable]) -> Dict[str, Callable]:
-    """Signatures whose outputs are a dict, so served outputs have names, not ``output_0``.
+def _own_state(obj) -> bool:
+    """Whether ``obj`` saves tensors of its own (a variable, a table, ...), as opposed to a
+    container (a layer, a module, a list) whose state is all in its children."""
+    base = tf.__internal__.tracking.Trackable
+    return (isinstance(obj, (tf.Variable, tf.saved_model.experimental.TrackableResource,
+                             tf.saved_model.Asset))
+            or type(obj)._serialize_to_tensors is not base._serialize_to_tensors
+            or bool(obj._gather_saveables_for_checkpoint()))
 
-    A signature returning a tensor serves it as ``output``, a tuple/list as ``output_<i>``.
-    Inputs keep their names (the TensorSpec's name, else the Python argument's name).
+
+def _serving_variable(obj):
+    """The ``tf.Variable`` a Keras 3 variable wraps (what traced functions capture), else None."""
+    keras = sys.modules.get("keras")
+    variable_class = getattr(keras, "Variable", None)
+    if variable_class is not None and isinstance(obj, variable_class) and not isinstance(obj, tf.Variable):
+        value = getattr(obj, "value", None)
+        return value if isinstance(value, tf.Variable) else None
+    return None
+
+
+def _mirror(obj, memo: Dict[int, Any]):
+    """``obj``'s checkpoint tree, each Keras 3 variable replaced by the ``tf.Variable`` it
+    wraps; containers without any state are left out. Shared objects stay shared."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    unwrapped = _serving_variable(obj)
+    if unwrapped is not None or _own_state(obj):
+        memo[id(obj)] = unwrapped if unwrapped is not None else obj
+        return memo[id(obj)]
+    node = memo[id(obj)] = _Tree()
+    kept = 0
+    for name, child in tf.train.TrackableView(obj).children(obj).items():
+        mirrored = _mirror(child, memo)
+        if mirrored is not None:
+            node._track_trackable(mirrored, name=name, overwrite=True)
+            kept += 1
+    if not kept:
+        memo[id(obj)] = None
+    return memo[id(obj)]
+
+
+def serving_root(model, signatures: Mapping[str, Callable]):
+    """What an export saves: the signatures, and the model's state as real ``tf.Variable``s
+    and resources under the paths the training checkpoints use (``model/...``).
+
+    Keras 3 wraps every variable in a ``keras.Variable``; saved as such, TF1's saver restores
+    copies, not the variables the signature functions capture, and the session loader that
+    TensorFlow Serving and ``saved_model_cli run`` use fails with "Could not find variable"
+    (tensorflow/tensorflow#72963, keras-team/keras#20095), while ``tf.saved_model.load``
+    works. Saving the wrapped variables themselves, once each, serves every model kind
+    (``tf.Module``, Keras 3, tf-keras) by one path. Variables the signatures capture from
+    outside the model are saved too (``extra_variables``).
+    """
+    memo: Dict[int, Any] = {}
+    root = _Tree()
+    tree = _mirror(model, memo)
+    if tree is not None:
+        root._track_trackable(tree, name="model")
+    saved = {id(v) for v in memo.values() if v is not None}
+    extra, seen = [], set()
+    for fn in signatures.values():
+        for v in fn.get_concrete_function().variables:
+            if id(v) not in saved and id(v) not in seen:
+                seen.add(id(v))
+                extra.append(v)
+    if extra:
+        root.extra_variables = extra
+    return root
+
+
+# --- signatures ------------------------------------------------------------------------------
+
+LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def _argument_names(fn) -> List[str]:
+    python = getattr(fn, "python_function", fn)
+    try:
+        params = inspect.signature(python).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def named_signatures(signatures: Mapping[str, Callable], *,
+                     cast_outputs_float32: bool = True) -> Dict[str, Callable]:
+    """The signatures as served: named inputs, a dict of named outputs, float32 outputs.
+
+    Inputs are named by their TensorSpec's name, else the Python argument's. Outputs: a dict
+    keeps its keys, a tensor is ``output``, a tuple/list ``output_<i>``. A float16/bfloat16
+    output (mixed precision) is cast to float32 with ``cast_outputs_float32`` (clients such
+    as TF Serving's REST API and most numpy code expect float32), else served as it is with a
+    warning; either way the log names the output.
     """
     out = {}
     for name, fn in signatures.items():
@@ -87,28 +179,164 @@ def named_signatures(signatures: Mapping[str, Callable]) -> Dict[str, Callable]:
             raise ExportError(
                 f"signature {name!r} must be a tf.function with an input_signature, e.g. "
                 "tf.function(f, input_signature=[tf.TensorSpec([None, 64], tf.float32)])")
-        concrete = fn.get_concrete_function()
-        if isinstance(concrete.structured_outputs, Mapping):
-            out[name] = fn
-            continue
-        arg_names = list(concrete.structured_input_signature[1]) or []
-        if not arg_names:
-            arg_names = [f"input_{i}" for i in range(len(fn.input_signature))]
-        specs = [tf.TensorSpec(spec.shape, spec.dtype, name=spec.name or arg)
-                 for spec, arg in zip(fn.input_signature, arg_names)]
-
-        out[name] = tf.function(_with_named_outputs(fn), input_signature=specs)
+        args = _argument_names(fn)
+        specs = [tf.TensorSpec(spec.shape, spec.dtype,
+                               name=spec.name or (args[i] if i < len(args) else f"input_{i}"))
+                 for i, spec in enumerate(fn.input_signature)]
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ExportError(f"signature {name!r} has inputs with the same name: {names}")
+        outputs = _output_dict(fn.get_concrete_function().structured_outputs)
+        for key, tensor in outputs.items():
+            dtype = getattr(tensor, "dtype", None)
+            if dtype not in LOW_PRECISION:
+                continue
+            if cast_outputs_float32:
+                log.info("export: signature %r output %r is %s; served as float32 "
+                         "(export.cast_outputs_float32=true)", name, key, dtype.name)
+            else:
+                log.warning("export: signature %r output %r is served as %s "
+                            "(export.cast_outputs_float32=false); its clients must accept it",
+                            name, key, dtype.name)
+        out[name] = tf.function(_served(fn, cast_outputs_float32), input_signature=specs)
     return out
 
 
-def _with_named_outputs(fn: Callable) -> Callable:
-    def named(*args):
-        result = fn(*args)
-        if isinstance(result, (tuple, list)):
-            return {f"output_{i}": r for i, r in enumerate(result)}
-        return {"output": result}
+def _output_dict(result) -> Dict[str, Any]:
+    if isinstance(result, Mapping):
+        return dict(result)
+    if isinstance(result, (tuple, list)):
+        return {f"output_{i}": r for i, r in enumerate(result)}
+    return {"output": result}
 
-    return named
+
+def _served(fn: Callable, cast: bool) -> Callable:
+    def served(*args):
+        outputs = _output_dict(fn(*args))
+        if cast:
+            outputs = {k: tf.cast(v, tf.float32) if v.dtype in LOW_PRECISION else v
+                       for k, v in outputs.items()}
+        return outputs
+
+    return served
+
+
+def describe(signatures: Mapping[str, Callable]) -> Dict[str, Any]:
+    """Each signature's inputs and outputs (dtype, shape) as JSON, for the export record."""
+    out = {}
+    for name in sorted(signatures):
+        fn = signatures[name]
+        concrete = fn.get_concrete_function()
+        out[name] = {
+            "inputs": {spec.name: [spec.dtype.name, spec.shape.as_list() if spec.shape.rank is not None else None]
+                       for spec in fn.input_signature},
+            "outputs": {key: [t.dtype.name, t.shape.as_list() if t.shape.rank is not None else None]
+                        for key, t in sorted(concrete.structured_outputs.items())},
+        }
+    return out
+
+
+def signature_feeds(signatures: Mapping[str, Callable], sample, rows: int = CHECK_ROWS):
+    """A batch for every signature: ``({signature: {input: array}}, {signature: source})``.
+
+    From ``sample`` (a batch's features: one tensor, or a dict by input name), at most
+    ``rows`` rows, where it fits the signature's inputs; else a batch of zeros (empty strings,
+    False) of the inputs' specs, two rows, with the reason as its source.
+    """
+    feeds, sources = {}, {}
+    for name, fn in signatures.items():
+        specs = list(fn.input_signature)
+        feed, why = _feed_from_sample(specs, sample, rows)
+        if feed is None:
+            feed = {spec.name: _zeros(spec) for spec in specs}
+            sources[name] = f"zeros ({why})"
+        else:
+            sources[name] = "the sample batch"
+        feeds[name] = feed
+    return feeds, sources
+
+
+def _feed_from_sample(specs, sample, rows):
+    if sample is None:
+        return None, "no sample batch"
+    if isinstance(sample, Mapping):
+        missing = [s.name for s in specs if s.name not in sample]
+        if missing:
+            return None, f"the sample batch has no feature {', '.join(missing)}"
+        values = [sample[s.name] for s in specs]
+    elif len(specs) == 1:
+        values = [sample]
+    else:
+        return None, f"{len(specs)} inputs, and the sample batch is one tensor"
+    feed = {}
+    for spec, value in zip(specs, values):
+        value = np.asarray(value)
+        n = spec.shape[0] if spec.shape.rank else None
+        if value.ndim:
+            value = value[: (n or rows)]
+        dtype = tf.string if value.dtype.kind in "OSU" else tf.as_dtype(value.dtype)
+        if not spec.is_compatible_with(tf.TensorSpec(value.shape, dtype)):
+            return None, (f"the sample batch's {spec.name} ({dtype.name} {list(value.shape)}) does "
+                          f"not fit {spec.dtype.name} {spec.shape}")
+        feed[spec.name] = value
+    return feed, None
+
+
+def _zeros(spec: tf.TensorSpec) -> np.ndarray:
+    if spec.shape.rank is None:
+        shape: List[int] = [2]
+    else:
+        shape = [d if d is not None else (2 if i == 0 else 1) for i, d in enumerate(spec.shape.as_list())]
+    if spec.dtype == tf.string:
+        return np.full(shape, b"", dtype=object)
+    return np.zeros(shape, dtype=spec.dtype.as_numpy_dtype)
+
+
+def live_outputs(signatures: Mapping[str, Callable], feeds) -> Dict[str, Dict[str, np.ndarray]]:
+    """What the live model serves for ``feeds``, computed on the CPU as the check process does."""
+    out = {}
+    with tf.device("/CPU:0"):
+        for name, feed in feeds.items():
+            fn = signatures[name]
+            result = fn(*[tf.constant(feed[spec.name]) for spec in fn.input_signature])
+            out[name] = {key: value.numpy() for key, value in result.items()}
+    return out
+
+
+def compare(want, got, where: str) -> None:
+    """Every output of every signature: same dtype kind and shape; floats allclose, anything
+    else (strings, integers, booleans) exactly equal. Raises ExportError naming the first
+    difference."""
+    for name, outputs in want.items():
+        served = got.get(name, {})
+        for key, expected in outputs.items():
+            label = f"{where}: signature {name!r} output {key!r}"
+            if key not in served:
+                raise ExportError(f"{label} is missing from what the SavedModel serves")
+            expected, actual = np.asarray(expected), np.asarray(served[key])
+            if expected.shape != actual.shape:
+                raise ExportError(f"{label} has shape {list(actual.shape)}, the live model "
+                                  f"gives {list(expected.shape)}")
+            if np.issubdtype(expected.dtype, np.inexact):
+                same = (np.issubdtype(actual.dtype, np.inexact)
+                        and np.allclose(actual, expected, rtol=1e-5, atol=1e-6, equal_nan=True))
+            else:
+                same = expected.dtype.kind == actual.dtype.kind and np.array_equal(actual, expected)
+            if not same:
+                raise ExportError(f"{label} differs from the live model ({_first_difference(expected, actual)}); "
+                                  "the SavedModel does not reproduce the trained model")
+
+
+def _first_difference(expected: np.ndarray, actual: np.ndarray) -> str:
+    if expected.dtype.kind != actual.dtype.kind and not (
+            np.issubdtype(expected.dtype, np.inexact) and np.issubdtype(actual.dtype, np.inexact)):
+        return f"dtype {actual.dtype}, expected {expected.dtype}"
+    flat_e, flat_a = expected.reshape(-1), actual.reshape(-1)
+    for i, (e, a) in enumerate(zip(flat_e, flat_a)):
+        if not (np.isclose(a, e, rtol=1e-5, atol=1e-6, equal_nan=True)
+                if np.issubdtype(expected.dtype, np.inexact) else e == a):
+            return f"element {i}: {a!r}, expected {e!r}"
+    return "values differ"
 
 
 def _remove_stale_temporaries(export_dir: str) -> None:
@@ -136,6 +364,83 @@ def _make_temporary(export_dir: str) -> str:
     raise ExportError(f"cannot create a temporary directory in {export_dir}")
 
 
+def serve_with_session_loader(path: str, feeds, io_dir: str) -> Dict[str, Dict[str, np.ndarray]]:
+    """Run ``feeds`` through the SavedModel at ``path`` with TensorFlow's session loader, in
+    a fresh Python process started in ``/`` (``io_dir`` carries the arrays). A ``ram://``
+    SavedModel exists only in this process: it is loaded here, in a graph of its own."""
+    if path.startswith("ram://"):
+        log.info("export check: %s is in this process's memory; loading it with the session "
+                 "loader in this process", path)
+        try:
+            return serving_check.run_with_session_loader(path, feeds)
+        except Exception as exc:
+            raise ExportError(_not_servable(path, getattr(exc, "message", None) or str(exc))) from exc
+    tf.io.gfile.makedirs(io_dir)
+    serving_check.save_arrays(io_dir, serving_check.FEEDS, feeds)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1")  # the CPU: the GPU is this process's
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    command = [sys.executable, serving_check.__file__, _absolute(path), _absolute(io_dir)]
+    try:
+        done = subprocess.run(command, cwd="/", env=env, capture_output=True, text=True,
+                              timeout=CHECK_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired as exc:
+        raise ExportError(f"export check of {path}: the session loader did not finish in "
+                          f"{CHECK_TIMEOUT_SECONDS} s") from exc
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise ExportError(_not_servable(path, lines[-1] if lines else f"exit status {done.returncode}"))
+    return serving_check.load_arrays(io_dir, serving_check.OUTPUTS)
+
+
+def _not_servable(path: str, reason: str) -> str:
+    return (f"export check of {path}: TensorFlow's session loader (the one TensorFlow Serving and "
+            f"saved_model_cli run use) cannot run it: {reason}")
+
+
+def _absolute(path: str) -> str:
+    return path if not storage.is_local(path) else os.path.abspath(path)
+
+
+def _publish(saved: str, final: str) -> None:
+    """Make the finished SavedModel ``saved`` the version directory ``final``.
+
+    A local disk renames the directory, atomically. Other filesystems have no atomic
+    directory rename (``ram://`` renames the directory entry without its files; object
+    stores copy object by object): there the files are moved one by one, ``saved_model.pb``
+    last, which is the mark of a complete version for TensorFlow Serving and for ckptkit.
+    """
+    if storage.is_local(saved):
+        os.rename(saved, final)
+        storage.fsync_path(os.path.dirname(final))
+        return
+    storage.move_files(saved, final, last=["saved_model.pb"])
+
+
+def _check_files(extra: str, feeds, expected) -> Dict[str, Any]:
+    """Write the check's inputs and the live model's outputs into ``assets.extra``."""
+    index = {}
+    for stem, arrays in (("inputs", feeds), ("outputs", expected)):
+        data, index[stem] = serving_check.pack(arrays)
+        storage.write_new(os.path.join(extra, f"{CHECK_STEM}_{stem}.npz"), data)
+    return index
+
+
+def read_check(version_dir: str, info: Mapping[str, Any]):
+    """The check batch an export stored: ``(inputs, outputs)``, or None."""
+    index = (info.get("check") or {}).get("arrays")
+    if not index:
+        return None
+    extra = os.path.join(version_dir, "assets.extra")
+    try:
+        out = []
+        for stem in ("inputs", "outputs"):
+            with tf.io.gfile.GFile(os.path.join(extra, f"{CHECK_STEM}_{stem}.npz"), "rb") as f:
+                out.append(serving_check.unpack(f.read(), index[stem]))
+        return tuple(out)
+    except (tf.errors.OpError, OSError, ValueError, KeyError):
+        return None
+
+
 def export_saved_model(
     model,
     signatures: Mapping[str, Callable],
@@ -143,8 +448,14 @@ def export_saved_model(
     *,
     info: Mapping[str, Any],
     config_yaml: Optional[str] = None,
+    feeds=None,
+    expected=None,
+    sources: Optional[Mapping[str, str]] = None,
+    verify: bool = True,
 ) -> str:
-    """Write a SavedModel of ``model`` with ``signatures``; return the version directory."""
+    """Write a SavedModel of ``model`` with ``signatures`` (from :func:`named_signatures`);
+    check it with the session loader (``verify``: ``feeds`` must give ``expected``); only
+    then publish it as the next version. Returns the version directory."""
     if "serving_default" not in signatures:
         raise ExportError(
             f"serving_signatures() returned {sorted(signatures)}; it must include "
@@ -154,22 +465,35 @@ def export_saved_model(
     version = _next_version(export_dir)
     final = os.path.join(export_dir, str(version))
     tmp = _make_temporary(export_dir)
-    root = _ExportRoot(model)
+    saved = os.path.join(tmp, "model")
+    record = dict(info)
     try:
-        tf.saved_model.save(root, tmp, signatures=dict(signatures))
-        extra = os.path.join(tmp, "assets.extra")
+        tf.saved_model.save(serving_root(model, signatures), saved, signatures=dict(signatures))
+        extra = os.path.join(saved, "assets.extra")
         tf.io.gfile.makedirs(extra)
-        atomic_write_text(os.path.join(extra, EXPORT_INFO),
-                          json.dumps(dict(info), indent=1, default=str) + "\n")
+        check: Dict[str, Any] = {"arrays": _check_files(extra, feeds, expected) if feeds else None,
+                                 "batches": dict(sources or {}), "loader": None}
+        if verify and feeds:
+            compare(expected, serve_with_session_loader(saved, feeds, os.path.join(tmp, "check")), final)
+            check["loader"] = ("session loader (tf.compat.v1.saved_model.loader, as TensorFlow "
+                               "Serving), fresh process" if not saved.startswith("ram://") else
+                               "session loader, in the exporting process (ram://)")
+        record["check"] = check
+        atomic_write_text(os.path.join(extra, EXPORT_INFO), json.dumps(record, indent=1, default=str) + "\n")
         if config_yaml is not None:
             atomic_write_text(os.path.join(extra, "config.yaml"), config_yaml)
-        storage.remove_file(os.path.join(tmp, TMP_MARKER))
-        tf.io.gfile.rename(tmp, final)
+        _publish(saved, final)
     except BaseException as exc:
         storage.remove_tree(tmp)
         if not isinstance(exc, Exception):
             raise  # an interrupt: cleaned up, passed on
+        if isinstance(exc, ExportError):
+            raise
         raise ExportError(f"exporting the SavedModel to {final} failed: {exc}") from exc
+    storage.remove_tree(tmp)
+    if verify and feeds:
+        log.info("export check passed for %s with the session loader: %s", final,
+                 ", ".join(f"{k} ({v})" for k, v in sorted(check["batches"].items())))
     log.info("exported SavedModel version %d to %s (step %s)", version, final, info.get("step"))
     return final
 
@@ -188,38 +512,22 @@ def prune_versions(export_dir: str, keep: int) -> List[str]:
     return removed
 
 
-def verify_export(path: str, signatures: Mapping[str, Callable], sample) -> list:
-    """Reload ``path`` and compare each signature that ``sample`` can feed with the live one.
-
-    Returns the names of the signatures compared; raises ExportError on any difference.
-    A signature whose inputs ``sample`` does not fit is left out (and logged).
-    """
-    loaded = tf.saved_model.load(path)
-    checked = []
-    for name, fn in signatures.items():
-        served = loaded.signatures[name]
-        _, kwspec = served.structured_input_signature
-        if len(kwspec) != 1:
-            log.info("export check: skipping signature %r (%d inputs)", name, len(kwspec))
-            continue
-        (arg, spec), = kwspec.items()
-        x = tf.convert_to_tensor(sample)
-        if not spec.is_compatible_with(tf.TensorSpec(x.shape, x.dtype)):
-            log.info("export check: skipping signature %r (sample %s does not fit %s)",
-                     name, x.shape, spec)
-            continue
-        live = fn(x)
-        got = served(**{arg: x})
-        live = live if isinstance(live, Mapping) else {"output": live}
-        for key, want in live.items():
-            if key not in got:
-                raise ExportError(f"export check of {path}: signature {name!r} lacks output {key!r}")
-            if not np.allclose(np.asarray(got[key]), np.asarray(want), rtol=1e-5, atol=1e-6):
-                raise ExportError(
-                    f"export check of {path}: signature {name!r} output {key!r} differs from "
-                    "the live model; the SavedModel does not reproduce the trained model")
-        checked.append(name)
-    return checked
+def _why_not_reuse(version_dir: str, done: Mapping[str, Any], signatures, described, verify: bool):
+    """None when the export at ``version_dir`` serves what ``signatures`` would; else why not."""
+    if done.get("signatures") != described:
+        return "its signatures differ from serving_signatures() now"
+    check = done.get("check") or {}
+    if verify and not check.get("loader"):
+        return "it was not checked with the session loader"
+    stored = read_check(version_dir, done)
+    if stored is None:
+        return "it holds no check batch to compare with"
+    inputs, outputs = stored
+    try:
+        compare(outputs, live_outputs(signatures, inputs), version_dir)
+    except ExportError as exc:
+        return f"the signatures now serve other outputs ({exc})"
+    return None
 
 
 def export_checkpoint(
@@ -234,38 +542,44 @@ def export_checkpoint(
     info: Optional[Mapping[str, Any]] = None,
     config_yaml: Optional[str] = None,
     reuse: bool = True,
+    cast_outputs_float32: bool = True,
 ) -> str:
     """Export the model weights of checkpoint ``source`` (a CheckpointInfo).
 
     The live ``model`` is loaded with the checkpoint's weights (unless it already is at
-    ``current_step == source.step``), exported, optionally verified, and put back as it was.
-    With ``reuse``, an existing newest export of the same checkpoint is returned instead:
-    only when it provably came from it (the identity ``source.uid`` given at save time).
+    ``current_step == source.step``), exported, checked with the session loader on a batch
+    of ``sample`` (``verify``), and put back as it was. With ``reuse``, the newest existing
+    export is returned instead when it came from this very checkpoint (the identity
+    ``source.uid`` given at save time) and serves the same signatures: same inputs and
+    outputs, and the same outputs on the batch it was checked with.
     """
-    if reuse and source.uid:
-        existing = versions(export_dir)
-        if existing:
-            newest = os.path.join(export_dir, str(existing[-1]))
-            done = read_export_info(newest)
-            if done and done.get("checkpoint_uid") == source.uid:
-                log.info("reusing export %d of checkpoint %s (step %d): %s", existing[-1],
-                         source.path, source.step, newest)
-                return newest
     snapshot = [v.numpy() for v in model.variables]
     try:
         if source.step != current_step:
             status = tf.train.Checkpoint(model=model).read(source.path)
             status.assert_existing_objects_matched()
             status.expect_partial()
-        signatures = named_signatures(make_signatures())
+        signatures = named_signatures(make_signatures(), cast_outputs_float32=cast_outputs_float32)
+        described = describe(signatures)
+        existing = versions(export_dir)
+        if reuse and source.uid and existing:
+            newest = os.path.join(export_dir, str(existing[-1]))
+            done = read_export_info(newest)
+            if done and done.get("checkpoint_uid") == source.uid:
+                why = _why_not_reuse(newest, done, signatures, described, verify)
+                if why is None:
+                    log.info("reusing export %d (same checkpoint, same signatures): %s, from %s "
+                             "(step %d)", existing[-1], newest, source.path, source.step)
+                    return newest
+                log.info("export %d came from this checkpoint, but %s: writing a new version",
+                         existing[-1], why)
+        feeds, sources = signature_feeds(signatures, sample)
         record = {"step": source.step, "checkpoint": os.path.basename(source.path),
-                  "checkpoint_uid": source.uid,
-                  "metrics": source.metrics, "exported_at": time.time(), **dict(info or {})}
-        path = export_saved_model(model, signatures, export_dir, info=record, config_yaml=config_yaml)
-        if verify and sample is not None:
-            checked = verify_export(path, signatures, sample)
-            log.info("export check passed for %s: %s", path,
-                     ", ".join(checked) or "no signature fits the sample batch")
+                  "checkpoint_uid": source.uid, "metrics": source.metrics,
+                  "exported_at": time.time(), "signatures": described, **dict(info or {})}
+        path = export_saved_model(model, signatures, export_dir, info=record, config_yaml=config_yaml,
+                                  feeds=feeds, expected=live_outputs(signatures, feeds),
+                                  sources=sources, verify=verify)
     finally:
         for v, value in zip(model.variables, snapshot):
             v.assign(value)

@@ -23,7 +23,7 @@ import os
 import secrets
 import shutil
 import stat
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import tensorflow as tf
 
@@ -165,6 +165,36 @@ def move_aside(path: str, into: str) -> str:
         target = f"{target}.{secrets.token_hex(4)}"
     if is_local(path):
         os.rename(path, target)
+    elif tf.io.gfile.isdir(path):
+        move_files(path, target)  # no directory rename there (ram:// moves only the name)
     else:
         tf.io.gfile.rename(path, target)
     return target
+
+
+def move_files(src: str, dst: str, last: Sequence[str] = ()) -> None:
+    """Move the tree ``src`` to ``dst`` (which must not exist) file by file, for filesystems
+    without an atomic directory rename; the relative paths in ``last`` move last, so their
+    presence marks a complete tree. Fails if anything is left behind in ``src``."""
+    files = []
+    for directory, _, names in tf.io.gfile.walk(src):
+        rel = os.path.relpath(directory, src) if directory.rstrip("/") != src.rstrip("/") else ""
+        files += [os.path.join(rel, n) if rel else n for n in names]
+    files.sort(key=lambda rel: (rel in last, last.index(rel) if rel in last else 0))
+    for rel in files:
+        target = os.path.join(dst, rel)
+        tf.io.gfile.makedirs(os.path.dirname(target))
+        tf.io.gfile.rename(os.path.join(src, rel), target, overwrite=False)
+    left = [n for _, _, names in tf.io.gfile.walk(src) for n in names]
+    if left:
+        raise OSError(f"moving {src} to {dst} left {len(left)} files behind ({left[0]}, ...)")
+    tf.io.gfile.rmtree(src)
+
+
+def rename_tree(src: str, dst: str) -> None:
+    """Rename the directory ``src`` to ``dst``: atomically on a local disk, file by file
+    where the filesystem has no directory rename (``ram://`` moves only the name)."""
+    if is_local(src):
+        os.rename(src, dst)
+    else:
+        move_files(src, dst)

@@ -283,7 +283,7 @@ class Trainer:
             self.checkpointer._forget_existing()  # the chief moves them aside and starts over
         if c.resume == "never" and self.checkpointer.checkpoints:
             moved = f"{c.dir.rstrip('/')}-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-            tf.io.gfile.rename(c.dir, moved)
+            storage.rename_tree(c.dir, moved)
             log.warning("checkpoint.resume=never: moved the existing checkpoints aside to %s "
                         "(nothing deleted); starting fresh", moved)
             self.checkpointer = None
@@ -627,12 +627,15 @@ class Trainer:
         return _features(next(iter(ds)))
 
     def export(self, from_: Optional[str] = None, to: Optional[str] = None,
-               source: Optional[CheckpointInfo] = None) -> Optional[str]:
+               source: Optional[CheckpointInfo] = None, force: bool = False) -> Optional[str]:
         """Export a checkpoint of this run as a SavedModel; return the version directory.
 
         ``from_`` is ``best`` or ``last`` (default ``export.from``; ``best`` falls back to the
         last checkpoint when there is no best), ``to`` the export directory (default
-        ``export.dir``). Works on a finished run without training: ``ckptkit export`` calls it.
+        ``export.dir``). The newest version is handed back instead of a new one when it came
+        from the same checkpoint and serves the same signatures (the log says so); ``force``
+        always writes a new version. Works on a finished run without training: ``ckptkit
+        export`` calls it.
         """
         self.build()
         e = self.settings.export
@@ -646,10 +649,12 @@ class Trainer:
         return export_lib.export_checkpoint(
             self.model, source, self.serving_signatures, to or e.dir,
             current_step=int(self.global_step.numpy()),
-            sample=self._sample_features() if e.verify else None,
+            sample=self._sample_features(),
             verify=e.verify,
             info={"run_dir": self.run_dir, "name": self.settings.name},
             config_yaml=OmegaConf.to_yaml(self.cfg),
+            reuse=not force,
+            cast_outputs_float32=e.cast_outputs_float32,
         )
 
     def _export_new_best(self, step: int, path: str, metrics: Mapping[str, float]) -> None:

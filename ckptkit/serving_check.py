@@ -1,0 +1,94 @@
+"""Run a SavedModel's signatures the way TensorFlow Serving does: TF1's session loader.
+
+``tf.saved_model.load`` (TF2) and the session loader that ``saved_model_cli run``, TensorFlow
+Serving and the C++ ``LoadSavedModel`` use do not initialize a SavedModel the same way: an
+export whose variables the TF1 saver does not restore into the very resources the signature
+functions capture loads fine in TF2 and fails at the first Predict in serving ("Could not
+find variable ..."). So ckptkit checks its exports with the session loader, in a fresh
+process (nothing of the exporting process can help it), from another working directory
+(relative asset paths would break).
+
+This file is run as a script by its path (``python serving_check.py EXPORT IO_DIR``) and
+imports only TensorFlow and NumPy, not ckptkit: the check process starts as fast as TF does.
+``IO_DIR`` holds ``feeds.npz`` and ``feeds.json`` (``{signature: {input key: array name}}``);
+the script writes ``outputs.npz`` and ``outputs.json`` in the same form.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from typing import Dict, Mapping, Tuple
+
+import numpy as np
+
+FEEDS, OUTPUTS = "feeds", "outputs"
+
+
+def pack(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> Tuple[bytes, dict]:
+    """``{signature: {key: array}}`` as the bytes of one ``.npz`` and an index naming them."""
+    flat, index = {}, {}
+    for sig, values in arrays.items():
+        index[sig] = {}
+        for key, value in values.items():
+            name = f"a{len(flat)}"
+            flat[name] = np.asarray(value)
+            index[sig][key] = name
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    return buffer.getvalue(), index
+
+
+def unpack(data: bytes, index: Mapping[str, Mapping[str, str]]) -> Dict[str, Dict[str, np.ndarray]]:
+    # Object arrays (strings) need pickle: only ever read from ckptkit's own private
+    # directory (mkdtemp) or from an export ckptkit wrote and checked.
+    with np.load(io.BytesIO(data), allow_pickle=True) as arrays:
+        return {sig: {key: arrays[name] for key, name in keys.items()} for sig, keys in index.items()}
+
+
+def save_arrays(io_dir: str, stem: str, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    data, index = pack(arrays)
+    with open(os.path.join(io_dir, stem + ".npz"), "wb") as f:
+        f.write(data)
+    with open(os.path.join(io_dir, stem + ".json"), "w") as f:
+        json.dump(index, f)
+
+
+def load_arrays(io_dir: str, stem: str) -> Dict[str, Dict[str, np.ndarray]]:
+    with open(os.path.join(io_dir, stem + ".json")) as f:
+        index = json.load(f)
+    with open(os.path.join(io_dir, stem + ".npz"), "rb") as f:
+        return unpack(f.read(), index)
+
+
+def run_with_session_loader(path: str, feeds: Mapping[str, Mapping[str, np.ndarray]]):
+    """Load ``path`` (tag ``serve``) into a TF1 session and run each signature of ``feeds``."""
+    import tensorflow as tf
+
+    out = {}
+    with tf.compat.v1.Session(graph=tf.Graph()) as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+        for name, inputs in feeds.items():
+            signature = meta.signature_def[name]
+            feed = {signature.inputs[key].name: value for key, value in inputs.items()}
+            fetch = {key: tensor.name for key, tensor in signature.outputs.items()}
+            out[name] = sess.run(fetch, feed)
+    return out
+
+
+def main(argv) -> int:
+    path, io_dir = argv[1], argv[2]
+    try:
+        outputs = run_with_session_loader(path, load_arrays(io_dir, FEEDS))
+    except Exception as exc:  # the parent shows this line as the reason
+        message = getattr(exc, "message", None) or str(exc)
+        print(f"{type(exc).__name__}: {message.strip()}", file=sys.stderr)
+        return 1
+    save_arrays(io_dir, OUTPUTS, outputs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
