@@ -364,17 +364,19 @@ def _make_temporary(export_dir: str) -> str:
     raise ExportError(f"cannot create a temporary directory in {export_dir}")
 
 
-def serve_with_session_loader(path: str, feeds, io_dir: str) -> Dict[str, Dict[str, np.ndarray]]:
+def serve_with_session_loader(path: str, feeds, io_dir: str, label: Optional[str] = None):
     """Run ``feeds`` through the SavedModel at ``path`` with TensorFlow's session loader, in
-    a fresh Python process started in ``/`` (``io_dir`` carries the arrays). A ``ram://``
-    SavedModel exists only in this process: it is loaded here, in a graph of its own."""
+    a fresh Python process started in ``/`` (``io_dir`` carries the arrays); return its
+    outputs. A ``ram://`` SavedModel exists only in this process: it is loaded here, in a
+    graph of its own. Errors name ``label`` (the version it is to become), else ``path``."""
+    label = label or path
     if path.startswith("ram://"):
         log.info("export check: %s is in this process's memory; loading it with the session "
                  "loader in this process", path)
         try:
             return serving_check.run_with_session_loader(path, feeds)
         except Exception as exc:
-            raise ExportError(_not_servable(path, getattr(exc, "message", None) or str(exc))) from exc
+            raise ExportError(_not_servable(label, serving_check.one_line(exc))) from exc
     tf.io.gfile.makedirs(io_dir)
     serving_check.save_arrays(io_dir, serving_check.FEEDS, feeds)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1")  # the CPU: the GPU is this process's
@@ -384,17 +386,20 @@ def serve_with_session_loader(path: str, feeds, io_dir: str) -> Dict[str, Dict[s
         done = subprocess.run(command, cwd="/", env=env, capture_output=True, text=True,
                               timeout=CHECK_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired as exc:
-        raise ExportError(f"export check of {path}: the session loader did not finish in "
+        raise ExportError(f"export check of {label}: the session loader did not finish in "
                           f"{CHECK_TIMEOUT_SECONDS} s") from exc
     if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        raise ExportError(_not_servable(path, lines[-1] if lines else f"exit status {done.returncode}"))
+        said = [line[len(serving_check.ERROR_PREFIX):] for line in done.stderr.splitlines()
+                if line.startswith(serving_check.ERROR_PREFIX)]
+        tail = [line for line in done.stderr.splitlines() if line.strip()][-3:]
+        raise ExportError(_not_servable(label, said[-1] if said else
+                                        f"exit status {done.returncode}: " + " | ".join(tail)))
     return serving_check.load_arrays(io_dir, serving_check.OUTPUTS)
 
 
-def _not_servable(path: str, reason: str) -> str:
-    return (f"export check of {path}: TensorFlow's session loader (the one TensorFlow Serving and "
-            f"saved_model_cli run use) cannot run it: {reason}")
+def _not_servable(label: str, reason: str) -> str:
+    return (f"export check of {label}: TensorFlow's session loader (the one TensorFlow Serving "
+            f"and saved_model_cli run use) cannot run it: {reason}")
 
 
 def _absolute(path: str) -> str:
@@ -474,7 +479,8 @@ def export_saved_model(
         check: Dict[str, Any] = {"arrays": _check_files(extra, feeds, expected) if feeds else None,
                                  "batches": dict(sources or {}), "loader": None}
         if verify and feeds:
-            compare(expected, serve_with_session_loader(saved, feeds, os.path.join(tmp, "check")), final)
+            label = f"{final} (not published)"
+            compare(expected, serve_with_session_loader(saved, feeds, os.path.join(tmp, "check"), label), label)
             check["loader"] = ("session loader (tf.compat.v1.saved_model.loader, as TensorFlow "
                                "Serving), fresh process" if not saved.startswith("ram://") else
                                "session loader, in the exporting process (ram://)")

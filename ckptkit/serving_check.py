@@ -16,6 +16,7 @@ the script writes ``outputs.npz`` and ``outputs.json`` in the same form.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -25,6 +26,18 @@ from typing import Dict, Mapping, Tuple
 import numpy as np
 
 FEEDS, OUTPUTS = "feeds", "outputs"
+#: Starts the line on stderr that says why the check failed.
+ERROR_PREFIX = "ckptkit-serving-check: "
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the line of TensorFlow's message that says
+    what went wrong (not "Graph execution error:", the graph node or the traceback)."""
+    message = getattr(exc, "message", None) or str(exc)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    said = [line for line in lines if not (line.endswith(":") or line.startswith(("[[", "Detected at node", "File ")))]
+    first = (said or lines or [""])[0].split(" Debug info:")[0]
+    return f"{type(exc).__name__}: {first}"
 
 
 def pack(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> Tuple[bytes, dict]:
@@ -67,9 +80,15 @@ def run_with_session_loader(path: str, feeds: Mapping[str, Mapping[str, np.ndarr
     """Load ``path`` (tag ``serve``) into a TF1 session and run each signature of ``feeds``."""
     import tensorflow as tf
 
+    try:  # the loader is deprecated for TF2 code; here it is the point (it is TF Serving's)
+        from tensorflow.python.util import deprecation
+        quiet = deprecation.silence()
+    except (ImportError, AttributeError):
+        quiet = contextlib.nullcontext()
     out = {}
     with tf.compat.v1.Session(graph=tf.Graph()) as sess:
-        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+        with quiet:
+            meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
         for name, inputs in feeds.items():
             signature = meta.signature_def[name]
             feed = {signature.inputs[key].name: value for key, value in inputs.items()}
@@ -83,8 +102,7 @@ def main(argv) -> int:
     try:
         outputs = run_with_session_loader(path, load_arrays(io_dir, FEEDS))
     except Exception as exc:  # the parent shows this line as the reason
-        message = getattr(exc, "message", None) or str(exc)
-        print(f"{type(exc).__name__}: {message.strip()}", file=sys.stderr)
+        print(ERROR_PREFIX + one_line(exc), file=sys.stderr)
         return 1
     save_arrays(io_dir, OUTPUTS, outputs)
     return 0

@@ -136,8 +136,11 @@ def remove_tree(path: str) -> bool:
         return False
     if is_local(path):
         shutil.rmtree(path)
-    else:
+        return True
+    try:
         tf.io.gfile.rmtree(path)
+    except tf.errors.NotFoundError:  # ram:// lists a directory whose files moved away
+        pass
     return True
 
 
@@ -172,23 +175,30 @@ def move_aside(path: str, into: str) -> str:
     return target
 
 
+def _files_under(top: str) -> List[str]:
+    """The files under ``top``, as paths relative to it. A listed name that does not exist is
+    left out: ``ram://`` matches names by prefix and lists ``assets/.extra`` for a sibling
+    ``assets.extra``."""
+    out = []
+    for directory, _, names in tf.io.gfile.walk(top):
+        rel = "" if directory.rstrip("/") == top.rstrip("/") else os.path.relpath(directory, top)
+        out += [os.path.join(rel, n) for n in names if tf.io.gfile.exists(os.path.join(directory, n))]
+    return out
+
+
 def move_files(src: str, dst: str, last: Sequence[str] = ()) -> None:
     """Move the tree ``src`` to ``dst`` (which must not exist) file by file, for filesystems
     without an atomic directory rename; the relative paths in ``last`` move last, so their
     presence marks a complete tree. Fails if anything is left behind in ``src``."""
-    files = []
-    for directory, _, names in tf.io.gfile.walk(src):
-        rel = os.path.relpath(directory, src) if directory.rstrip("/") != src.rstrip("/") else ""
-        files += [os.path.join(rel, n) if rel else n for n in names]
-    files.sort(key=lambda rel: (rel in last, last.index(rel) if rel in last else 0))
+    files = sorted(_files_under(src), key=lambda rel: (rel in last, last.index(rel) if rel in last else 0))
     for rel in files:
         target = os.path.join(dst, rel)
         tf.io.gfile.makedirs(os.path.dirname(target))
         tf.io.gfile.rename(os.path.join(src, rel), target, overwrite=False)
-    left = [n for _, _, names in tf.io.gfile.walk(src) for n in names]
+    left = _files_under(src)
     if left:
         raise OSError(f"moving {src} to {dst} left {len(left)} files behind ({left[0]}, ...)")
-    tf.io.gfile.rmtree(src)
+    remove_tree(src)
 
 
 def rename_tree(src: str, dst: str) -> None:
