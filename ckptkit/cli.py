@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import sys
 from typing import List, Optional
@@ -98,6 +99,14 @@ def cmd_export(args) -> int:
             OmegaConf.update(cfg, key, run_dir + value[len(old_run_dir):])
         elif not os.path.isabs(value) and "://" not in value:
             OmegaConf.update(cfg, key, os.path.join(record.get("cwd", ""), value))
+    # What the export does goes to stderr: "reusing export N (same checkpoint, same
+    # signatures)", or the check and the new version; stdout is the path alone.
+    logger = logging.getLogger("ckptkit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("ckptkit: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     here = os.getcwd()
     if record.get("cwd") and os.path.isdir(record["cwd"]):
         os.chdir(record["cwd"])  # the user's relative data paths mean what they meant then
