@@ -529,6 +529,25 @@ def test_an_export_to_ram_is_complete(tmp_path, caplog):
     _assert_served({k: v.numpy() for k, v in request_out.items()}, _live(trainer, x)["serving_default"])
 
 
+def test_resume_never_with_checkpoints_on_ram_moves_them_all(tmp_path, caplog):
+    """resume=never says it moved the old checkpoints aside: on ram:// a directory rename
+    would move the name and leave the files where the new run saves."""
+    where = f"ram://ckptkit-never-{os.getpid()}/checkpoints"
+    cfg = make_cfg(tmp_path / "run", **{"model.kind": "module", "trainer.max_steps": 4,
+                                         "checkpoint.save_every_steps": 2, "checkpoint.dir": where})
+    KindTrainer(cfg).fit()
+    caplog.set_level("INFO", "ckptkit")
+    cfg["trainer"]["max_steps"] = 2
+    cfg["checkpoint"]["resume"] = "never"
+    result = KindTrainer(cfg).fit()
+    assert result.step == 2 and result.resumed_from is None
+    moved = [r.getMessage().split("aside to ")[1].split(" ")[0] for r in caplog.records if "aside to" in r.getMessage()]
+    assert len(moved) == 1 and moved[0].startswith(where + "-moved-")
+    names = lambda d: sorted(n for _, _, files in tf.io.gfile.walk(d) for n in files if n.startswith("ckpt-"))  # noqa: E731
+    assert [n.split(".")[0] for n in names(where)] == ["ckpt-2", "ckpt-2"]  # the new run's step 2 only
+    assert sorted({n.split(".")[0] for n in names(moved[0])}) == ["ckpt-2", "ckpt-4"]
+
+
 def test_resume_never_on_ram_moves_every_file(tmp_path):
     from ckptkit import storage
 
