@@ -11,6 +11,7 @@ directories and not links, are ever pruned or reused.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import logging
@@ -406,19 +407,29 @@ def _absolute(path: str) -> str:
     return path if not storage.is_local(path) else os.path.abspath(path)
 
 
-def _publish(saved: str, final: str) -> None:
-    """Make the finished SavedModel ``saved`` the version directory ``final``.
+def _publish(saved: str, export_dir: str) -> str:
+    """Make the finished SavedModel ``saved`` the next version directory; return it.
 
-    A local disk renames the directory, atomically. Other filesystems have no atomic
-    directory rename (``ram://`` renames the directory entry without its files; object
-    stores copy object by object): there the files are moved one by one, ``saved_model.pb``
-    last, which is the mark of a complete version for TensorFlow Serving and for ckptkit.
+    A local disk renames the directory, atomically, and takes the next number if another
+    export took this one meanwhile. Other filesystems have no atomic directory rename
+    (``ram://`` renames the directory entry without its files; object stores copy object by
+    object): there the files are moved one by one, ``saved_model.pb`` last, which is the
+    mark of a complete version for TensorFlow Serving and for ckptkit.
     """
-    if storage.is_local(saved):
-        os.rename(saved, final)
-        storage.fsync_path(os.path.dirname(final))
-        return
-    storage.move_files(saved, final, last=["saved_model.pb"])
+    for _ in range(100):
+        final = os.path.join(export_dir, str(_next_version(export_dir)))
+        if not storage.is_local(saved):
+            storage.move_files(saved, final, last=["saved_model.pb"])
+            return final
+        try:
+            os.rename(saved, final)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                continue  # taken by a concurrent export since it was counted
+            raise
+        storage.fsync_path(export_dir)
+        return final
+    raise ExportError(f"no free version number in {export_dir}")
 
 
 def _check_files(extra: str, feeds, expected) -> Dict[str, Any]:
@@ -467,8 +478,7 @@ def export_saved_model(
             "'serving_default', the signature TensorFlow Serving calls by default")
     tf.io.gfile.makedirs(export_dir)
     _remove_stale_temporaries(export_dir)
-    version = _next_version(export_dir)
-    final = os.path.join(export_dir, str(version))
+    final = os.path.join(export_dir, str(_next_version(export_dir)))  # expected; see _publish
     tmp = _make_temporary(export_dir)
     saved = os.path.join(tmp, "model")
     record = dict(info)
@@ -488,7 +498,7 @@ def export_saved_model(
         atomic_write_text(os.path.join(extra, EXPORT_INFO), json.dumps(record, indent=1, default=str) + "\n")
         if config_yaml is not None:
             atomic_write_text(os.path.join(extra, "config.yaml"), config_yaml)
-        _publish(saved, final)
+        final = _publish(saved, export_dir)
     except BaseException as exc:
         storage.remove_tree(tmp)
         if not isinstance(exc, Exception):
@@ -500,7 +510,7 @@ def export_saved_model(
     if verify and feeds:
         log.info("export check passed for %s with the session loader: %s", final,
                  ", ".join(f"{k} ({v})" for k, v in sorted(check["batches"].items())))
-    log.info("exported SavedModel version %d to %s (step %s)", version, final, info.get("step"))
+    log.info("exported SavedModel version %s to %s (step %s)", os.path.basename(final), final, info.get("step"))
     return final
 
 

@@ -205,3 +205,23 @@ def test_export_on_every_new_best_keeps_the_newest_versions(toy_cfg):
     assert export_lib.versions(export_dir) == [3, 4]
     assert export_lib.read_export_info(os.path.join(export_dir, "4"))["step"] == 20
     assert result.export_path == os.path.join(export_dir, "4")
+
+
+def test_a_version_taken_while_exporting_goes_to_the_next_number(toy_cfg, monkeypatch):
+    """Two exporters into one directory (a training run's export.on_best and `ckptkit
+    export --to` the same place) count the same next version; the second takes the next."""
+    cfg = toy_cfg(**{"trainer.max_steps": 5, "export.enabled": True, "export.verify": False})
+    trainer = ToyTrainer(cfg)
+    first = trainer.fit().export_path
+    counted = []
+    real = export_lib._next_version
+
+    def stale(export_dir):  # as counted before the other exporter published version 1
+        counted.append(1)
+        return 1 if len(counted) <= 2 else real(export_dir)
+
+    monkeypatch.setattr(export_lib, "_next_version", stale)
+    second = trainer.export(force=True)
+    assert second == os.path.join(os.path.dirname(first), "2") and len(counted) == 3
+    assert export_lib.read_export_info(first)["step"] == 5  # version 1 untouched
+    assert export_lib.versions(os.path.dirname(first)) == [1, 2]
