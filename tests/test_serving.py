@@ -307,6 +307,29 @@ def test_the_export_records_its_check(exports):
     assert outputs["serving_default"]["class_name"].dtype == object
 
 
+MIRRORED_RUN = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    import test_serving as t
+    cfg = t.make_cfg(sys.argv[1], **{"model.kind": "functional", "trainer.max_steps": 4,
+                                     "export.enabled": True, "strategy.kind": "mirrored",
+                                     "strategy.cpu_devices": 2})
+    print("EXPORTED", t.KindTrainer(cfg).fit().export_path)
+""")
+
+
+def test_an_export_under_a_mirrored_strategy_passes_the_session_loader_check(tmp_path):
+    """Two replicas (logical CPUs, which must be made before TensorFlow starts: a process
+    of its own): the variables are mirrored, the export serves one copy of each."""
+    done = subprocess.run([sys.executable, "-c", MIRRORED_RUN, str(tmp_path / "run"), os.path.dirname(__file__)],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mirrored strategy: 2 replica(s)" in done.stderr + done.stdout
+    path = done.stdout.split("EXPORTED ")[1].strip()
+    assert "fresh process" in export_lib.read_export_info(path)["check"]["loader"]
+    assert "export check passed" in done.stderr + done.stdout
+
+
 # --- strings and assets ---------------------------------------------------------------------
 
 class TextModel(tf.Module):
