@@ -384,8 +384,10 @@ def serve_with_session_loader(path: str, feeds, io_dir: str, label: Optional[str
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     command = [sys.executable, serving_check.__file__, _absolute(path), _absolute(io_dir)]
     try:
+        # A session of its own: a Ctrl-C at the terminal reaches this process, which stops
+        # the export (the check process is then killed), not the check with an error.
         done = subprocess.run(command, cwd="/", env=env, capture_output=True, text=True,
-                              timeout=CHECK_TIMEOUT_SECONDS)
+                              timeout=CHECK_TIMEOUT_SECONDS, start_new_session=True)
     except subprocess.TimeoutExpired as exc:
         raise ExportError(f"export check of {label}: the session loader did not finish in "
                           f"{CHECK_TIMEOUT_SECONDS} s") from exc

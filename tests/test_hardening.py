@@ -450,6 +450,44 @@ def test_a_signal_after_the_last_step_saves_it_exits_0_and_says_the_export_was_s
     assert export_lib.versions(str(tmp_path / "export")) == [1]
 
 
+def _children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            out.append((int(entry), cmdline))
+    return out
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_export_check_skips_the_export_cleanly(tmp_path):
+    """Ctrl-C reaches the whole foreground process group while the session-loader check runs
+    in its child process: the run exits 0 (training is saved), says the export was skipped,
+    leaves no version and no temporary, and no check process behind."""
+    args = [*BASE, "export.enabled=true", "checkpoint.async_save=true"]
+    proc = subprocess.Popen([sys.executable, TOY_RUN, str(tmp_path), *args], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, check = time.time() + 240, []
+    while time.time() < deadline and proc.poll() is None and not check:
+        check = [c for c in _children(proc.pid) if "serving_check.py" in c[1]]
+        time.sleep(0.05)
+    assert check, "the export check never started"
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "export was skipped" in out and "Traceback" not in out, out[-3000:]
+    assert export_lib.versions(str(tmp_path / "export")) == []
+    assert os.listdir(tmp_path / "export") == []
+    assert not os.path.exists(f"/proc/{check[0][0]}") or "zombie" in open(f"/proc/{check[0][0]}/status").read()
+
+
 # --- 9. bookkeeping that is valid JSON but wrong; damaged TensorBoard files -------------
 
 BAD_ENTRIES = {
