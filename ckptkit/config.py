@@ -172,9 +172,13 @@ def _export_schema() -> DictConfig:
 
 def group_schemas() -> Dict[str, Any]:
     """The schema of each owned group, as Hydra's ConfigStore and OmegaConf take it."""
+    checkpoint = OmegaConf.structured(CheckpointConfig)
+    # A map the user fills: `checkpoint.init_from.rename={model/backbone/: model/encoder/}`
+    # merges new keys into it, which a struct node refuses (the user would need a `+`).
+    OmegaConf.set_struct(checkpoint.init_from.rename, False)
     return {
         "trainer": OmegaConf.structured(TrainerConfig),
-        "checkpoint": OmegaConf.structured(CheckpointConfig),
+        "checkpoint": checkpoint,
         "export": _export_schema(),
         "strategy": OmegaConf.structured(StrategyConfig),
     }

@@ -122,3 +122,16 @@ def test_schemas_are_in_the_config_store():
     for group in ("trainer", "checkpoint", "export", "strategy"):
         assert "schema.yaml" in repo[group]
     assert OmegaConf.is_config(repo["checkpoint"]["schema.yaml"].node)
+
+
+def test_a_rename_map_is_overridden_as_users_type_it():
+    """`checkpoint.init_from.rename={old/: new/}` without Hydra's `+`; unknown keys of the
+    group are still refused."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="digits",
+                      overrides=["checkpoint.init_from.rename={model/backbone/: model/encoder/, head/: top/}"])
+        assert dict(cfg.checkpoint.init_from.rename) == {"model/backbone/": "model/encoder/", "head/": "top/"}
+        assert load_config(cfg)[0].checkpoint.init_from.rename == {"model/backbone/": "model/encoder/",
+                                                                "head/": "top/"}
+        with pytest.raises(ConfigCompositionException, match="renam"):
+            compose(config_name="digits", overrides=["checkpoint.init_from.renam={a/: b/}"])
