@@ -236,7 +236,8 @@ def merge_with_schema(cfg: Union[Mapping[str, Any], DictConfig]) -> DictConfig:
     return out
 
 
-def _positive(key: str, value: Optional[float], *, allow_none: bool, integer: bool) -> None:
+def _positive(key: str, value: Optional[float], *, allow_none: bool, integer: bool,
+              allow_zero: bool = False) -> None:
     if value is None:
         if not allow_none:
             raise ConfigError(key, "must be set")
@@ -245,8 +246,8 @@ def _positive(key: str, value: Optional[float], *, allow_none: bool, integer: bo
         raise ConfigError(key, f"must be a number, got {value!r}")
     if integer and not float(value).is_integer():
         raise ConfigError(key, f"must be a whole number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(key, f"must be positive, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'zero or ' if allow_zero else ''}positive, got {value!r}")
 
 
 def _one_of(key: str, value: str, choices: tuple) -> None:
@@ -256,7 +257,8 @@ def _one_of(key: str, value: str, choices: tuple) -> None:
 
 def validate(run: RunConfig) -> RunConfig:
     t, c, e = run.trainer, run.checkpoint, run.export
-    _positive("trainer.max_steps", t.max_steps, allow_none=False, integer=True)
+    # 0: no training; the model as built (and warm-started) is saved at step 0 and exported.
+    _positive("trainer.max_steps", t.max_steps, allow_none=False, integer=True, allow_zero=True)
     _positive("trainer.steps_per_loop", t.steps_per_loop, allow_none=False, integer=True)
     _positive("trainer.eval_every_steps", t.eval_every_steps, allow_none=True, integer=True)
     _positive("trainer.log_every_steps", t.log_every_steps, allow_none=False, integer=True)

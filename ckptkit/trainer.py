@@ -418,7 +418,9 @@ class Trainer:
             self._summaries.resume_at(start_step)
         self._summaries.run_info(start_step, OmegaConf.to_yaml(self.cfg),
                                  flat_hparams(OmegaConf.to_container(self.cfg, resolve=True)))
-        if start_step >= s.trainer.max_steps:
+        if s.trainer.max_steps == 0 and not self.checkpointer.checkpoints:
+            log.info("trainer.max_steps=0: %s converts, it does not train", s.name or self.run_dir)
+        elif start_step >= s.trainer.max_steps:
             log.info("run %s already finished: step %d of trainer.max_steps=%d, nothing to train",
                      s.name or self.run_dir, start_step, s.trainer.max_steps)
         else:
@@ -596,6 +598,14 @@ class Trainer:
         self.train_state.add_time(unsaved_seconds)
         if step > start_step and last_save_step != step:
             self._save(step, eval_metrics or None)
+        elif t.max_steps == 0 and ckpt.latest is None and not self._watch.requested:
+            eval_metrics = self._evaluate(eval_ds, 0) if eval_ds is not None else {}
+            self._check_new_best(0, eval_metrics or None)
+            self._save(0, eval_metrics or None)
+            log.info("trainer.max_steps=0: nothing trained; the model as built%s is saved as step 0%s",
+                     " and warm-started from " + str(s.checkpoint.init_from.path)
+                     if s.checkpoint.init_from.path else "",
+                     ", to be exported" if s.export.enabled else "")
         return step, train_metrics, eval_metrics
 
     def _save(self, step: int, metrics: Optional[Mapping[str, float]]) -> str:

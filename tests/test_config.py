@@ -48,7 +48,7 @@ def test_wrong_type_is_named(tmp_path, dotted, value):
 
 
 @pytest.mark.parametrize("dotted,value,words", [
-    ("trainer.max_steps", 0, "positive"),
+    ("trainer.max_steps", -5, "zero or positive"),
     ("checkpoint.save_every_steps", -5, "positive"),
     ("checkpoint.best.mode", "median", "min, max"),
     ("checkpoint.resume", "sometimes", "auto, never, must"),

@@ -469,7 +469,8 @@ def test_a_float16_output_is_served_as_float32_unless_told(tmp_path, caplog, cas
             return {"serving_default": half}
 
     cfg = make_cfg(tmp_path / "run", **{"model.kind": "module", "trainer.max_steps": 2,
-                                         "export.enabled": True, "export.cast_outputs_float32": cast})
+                                         "export.enabled": True, "export.cast_outputs_float32": cast,
+                                         "export.verify": not cast})  # the check compares float16 once
     caplog.set_level("INFO", "ckptkit")
     result = Half(cfg).fit()
     served = _signature_defs(result.export_path)["serving_default"].outputs["probabilities"]
@@ -497,8 +498,9 @@ def test_reuse_needs_the_same_checkpoint_and_the_same_signatures(tmp_path, caplo
             return {"serving_default": serve}
 
     caplog.set_level("INFO", "ckptkit")
+    # The decision is the subject here, not the session-loader check (its own tests below).
     cfg = make_cfg(tmp_path / "run", **{"model.kind": "module", "trainer.max_steps": 2,
-                                         "export.enabled": True})
+                                         "export.enabled": True, "export.verify": False})
     trainer = Scaled(cfg)
     first = trainer.fit().export_path
     export_dir = os.path.dirname(first)
@@ -585,3 +587,40 @@ def test_resume_never_on_ram_moves_every_file(tmp_path):
     assert moved == ["ckpt-1.data-00000-of-00001", "ckpt-1.index", "sub/x"]
     with tf.io.gfile.GFile(f"{dst}/sub/x") as f:
         assert f.read() == "sub/x"
+
+
+# --- a zero-step run: a converter --------------------------------------------------------------
+
+def test_max_steps_0_converts_a_tf1_checkpoint_into_a_checked_savedmodel(tmp_path, caplog):
+    """TF1 Saver checkpoint in (names as a TF1 graph would have them), checked SavedModel
+    out: build, warm start, save step 0, export; the same command again changes nothing."""
+    rng = np.random.default_rng(3)
+    arrays = {"backbone/kernel": rng.normal(size=(4, 8)), "backbone/bias": rng.normal(size=8),
+              "bn/gamma": rng.normal(size=8), "bn/beta": rng.normal(size=8),
+              "bn/moving_mean": rng.normal(size=8), "bn/moving_variance": rng.uniform(0.5, 2, size=8),
+              "head/kernel": rng.normal(size=(8, 3)), "head/bias": rng.normal(size=3)}
+    arrays = {k: v.astype("float32") for k, v in arrays.items()}
+    with tf.Graph().as_default():
+        variables = [tf.compat.v1.get_variable(name, initializer=value) for name, value in arrays.items()]
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            prefix = tf.compat.v1.train.Saver(variables).save(sess, str(tmp_path / "tf1" / "model.ckpt"))
+    cfg = make_cfg(tmp_path / "run", **{"model.kind": "functional", "trainer.max_steps": 0,
+                                         "checkpoint.init_from.path": prefix, "export.enabled": True})
+    caplog.set_level("INFO", "ckptkit")
+    result = KindTrainer(cfg).fit()
+    assert result.step == 0 and result.steps_run == 0 and len(result.warm_start.restored) == 8
+    assert "trainer.max_steps=0: nothing trained" in caplog.text
+    assert "ckpt-0.index" in os.listdir(tmp_path / "run" / "checkpoints")
+    assert result.export_path == str(tmp_path / "run" / "export" / "1")
+    assert "session loader" in export_lib.read_export_info(result.export_path)["check"]["loader"]
+    x = _features("functional", 5, seed=4)
+    h = np.maximum(x @ arrays["backbone/kernel"] + arrays["backbone/bias"], 0)
+    h = arrays["bn/gamma"] * (h - arrays["bn/moving_mean"]) / np.sqrt(arrays["bn/moving_variance"] + 1e-3) \
+        + arrays["bn/beta"]
+    want = h @ arrays["head/kernel"] + arrays["head/bias"]
+    served = tf.saved_model.load(result.export_path).signatures["serving_default"](features=tf.constant(x))
+    np.testing.assert_allclose(served["logits"].numpy(), want, rtol=1e-4, atol=1e-4)
+    again = KindTrainer(cfg).fit()  # the same command: finished, nothing new
+    assert again.step == 0 and again.export_path == result.export_path
+    assert export_lib.versions(str(tmp_path / "run" / "export")) == [1]
