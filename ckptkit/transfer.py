@@ -90,7 +90,28 @@ def resolve_source(path: str, which: str = "latest") -> str:
             return latest
     raise CheckpointNotFoundError(
         f"{path!r} is not a checkpoint prefix, a checkpoint directory, a run directory with "
-        "checkpoints or a SavedModel directory")
+        "checkpoints or a SavedModel directory" + _what_to_pass_instead(path))
+
+
+def _what_to_pass_instead(path: str) -> str:
+    """A sentence for the files people pass where a checkpoint prefix is meant."""
+    name = os.path.basename(path.rstrip("/"))
+    if name.endswith(".index") or ".data-" in name:
+        prefix = os.path.join(os.path.dirname(path), name[: name.index(".index")] if name.endswith(".index")
+                              else name[: name.index(".data-")])
+        return (f": it is one file of a checkpoint; pass the checkpoint's prefix, {prefix!r} "
+                "(the path without .index or .data-*)")
+    if name.endswith((".h5", ".hdf5")):
+        return (": it is a Keras HDF5 weights file, not a TensorFlow checkpoint; load it in "
+                "build_model() with model.load_weights(path), or write a checkpoint of the loaded "
+                "model with tf.train.Checkpoint(model=model).write(prefix) and pass that prefix")
+    if name.endswith(".keras"):
+        return (": it is a Keras model archive, not a TensorFlow checkpoint; load it in "
+                "build_model() with keras.models.load_model(path), or write a checkpoint of it with "
+                "tf.train.Checkpoint(model=model).write(prefix) and pass that prefix")
+    if not tf.io.gfile.exists(path):
+        return ": nothing exists at that path"
+    return ""
 
 
 def has_object_graph(prefix: str) -> bool:

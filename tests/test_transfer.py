@@ -126,3 +126,20 @@ def test_cli_inspect_and_diff(tmp_path, capsys):
     assert "model/head/w: checkpoint has [8, 3] float32, model has [8, 5] float32" in out
     assert cli.main(["inspect", str(tmp_path / "nowhere")]) == 1
     assert "is not a checkpoint prefix" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, says", [
+    ("ckpt-10.index", "pass the checkpoint's prefix, '{d}/ckpt-10'"),
+    ("ckpt-10.data-00000-of-00001", "pass the checkpoint's prefix, '{d}/ckpt-10'"),
+    ("model.weights.h5", "Keras HDF5 weights file"),
+    ("model.keras", "Keras model archive"),
+    ("nowhere", "nothing exists at that path"),
+])
+def test_files_given_for_a_checkpoint_say_what_to_pass_instead(tmp_path, name, says):
+    """People pass the file they see (.index, .data-*) or the format Keras gave them."""
+    path = tmp_path / name
+    if name != "nowhere":
+        path.write_bytes(b"\0" * 16)
+    with pytest.raises(ckptkit.CheckpointNotFoundError) as err:
+        ckptkit.restore_partial(KerasNet(), str(path))
+    assert says.format(d=tmp_path) in str(err.value)
