@@ -166,12 +166,7 @@ def move_aside(path: str, into: str) -> str:
     target = os.path.join(into, os.path.basename(path))
     if (os.path.lexists(target) if is_local(target) else tf.io.gfile.exists(target)):
         target = f"{target}.{secrets.token_hex(4)}"
-    if is_local(path):
-        os.rename(path, target)
-    elif tf.io.gfile.isdir(path):
-        move_files(path, target)  # no directory rename there (ram:// moves only the name)
-    else:
-        tf.io.gfile.rename(path, target)
+    rename(path, target)
     return target
 
 
@@ -201,10 +196,13 @@ def move_files(src: str, dst: str, last: Sequence[str] = ()) -> None:
     remove_tree(src)
 
 
-def rename_tree(src: str, dst: str) -> None:
-    """Rename the directory ``src`` to ``dst``: atomically on a local disk, file by file
-    where the filesystem has no directory rename (``ram://`` moves only the name)."""
+def rename(src: str, dst: str) -> None:
+    """Rename the file, link (the link itself) or directory ``src`` to ``dst``: atomically
+    on a local disk; a directory file by file where the filesystem has no directory rename
+    (``ram://`` moves only the name, object stores copy object by object)."""
     if is_local(src):
         os.rename(src, dst)
-    else:
+    elif tf.io.gfile.isdir(src):
         move_files(src, dst)
+    else:
+        tf.io.gfile.rename(src, dst)

@@ -283,7 +283,7 @@ class Trainer:
             self.checkpointer._forget_existing()  # the chief moves them aside and starts over
         if c.resume == "never" and self.checkpointer.checkpoints:
             moved = f"{c.dir.rstrip('/')}-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-            storage.rename_tree(c.dir, moved)
+            storage.rename(c.dir, moved)
             log.warning("checkpoint.resume=never: moved the existing checkpoints aside to %s "
                         "(nothing deleted); starting fresh", moved)
             self.checkpointer = None

@@ -581,7 +581,7 @@ def test_resume_never_on_ram_moves_every_file(tmp_path):
     for name in ("ckpt-1.index", "ckpt-1.data-00000-of-00001", "sub/x"):
         with tf.io.gfile.GFile(f"{src}/{name}", "w") as f:
             f.write(name)
-    storage.rename_tree(src, dst)
+    storage.rename(src, dst)
     assert [n for _, _, files in tf.io.gfile.walk(src) for n in files] == []
     moved = sorted(os.path.relpath(os.path.join(d, n), dst) for d, _, files in tf.io.gfile.walk(dst) for n in files)
     assert moved == ["ckpt-1.data-00000-of-00001", "ckpt-1.index", "sub/x"]
