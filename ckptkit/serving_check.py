@@ -41,13 +41,27 @@ def one_line(exc: BaseException) -> str:
 
 
 def pack(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> Tuple[bytes, dict]:
-    """``{signature: {key: array}}`` as the bytes of one ``.npz`` and an index naming them."""
+    """``{signature: {key: array}}`` as the bytes of one ``.npz`` and an index naming them.
+
+    String arrays (numpy object arrays of bytes) are stored without pickle, as their bytes
+    joined, each string's length and the shape (``<name>_bytes``, ``_lengths``, ``_shape``):
+    these files are read back from export directories, and nothing read from a run
+    directory is ever unpickled.
+    """
     flat, index = {}, {}
     for sig, values in arrays.items():
         index[sig] = {}
         for key, value in values.items():
-            name = f"a{len(flat)}"
-            flat[name] = np.asarray(value)
+            value = np.asarray(value)
+            if value.dtype.kind in "OSU":
+                name = f"s{len(flat)}"
+                items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in value.reshape(-1)]
+                flat[name + "_bytes"] = np.frombuffer(b"".join(items), dtype=np.uint8)
+                flat[name + "_lengths"] = np.array([len(v) for v in items], dtype=np.int64)
+                flat[name + "_shape"] = np.array(value.shape, dtype=np.int64)
+            else:
+                name = f"a{len(flat)}"
+                flat[name] = value
             index[sig][key] = name
     buffer = io.BytesIO()
     np.savez(buffer, **flat)
@@ -55,24 +69,37 @@ def pack(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> Tuple[bytes, dict]:
 
 
 def unpack(data: bytes, index: Mapping[str, Mapping[str, str]]) -> Dict[str, Dict[str, np.ndarray]]:
-    # Object arrays (strings) need pickle: only ever read from ckptkit's own private
-    # directory (mkdtemp) or from an export ckptkit wrote and checked.
-    with np.load(io.BytesIO(data), allow_pickle=True) as arrays:
-        return {sig: {key: arrays[name] for key, name in keys.items()} for sig, keys in index.items()}
+    """The arrays :func:`pack` stored (strings as object arrays of bytes); never unpickles."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        def array(name: str) -> np.ndarray:
+            if not name.startswith("s"):
+                return arrays[name]
+            joined = arrays[name + "_bytes"].tobytes()
+            ends = np.cumsum(arrays[name + "_lengths"])
+            items = [joined[a:b] for a, b in zip(np.concatenate([[0], ends[:-1]]).astype(int), ends)]
+            out = np.empty(len(items), dtype=object)
+            out[:] = items
+            return out.reshape(tuple(arrays[name + "_shape"]))
+
+        return {sig: {key: array(name) for key, name in keys.items()} for sig, keys in index.items()}
 
 
 def save_arrays(io_dir: str, stem: str, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    import tensorflow as tf  # through gfile: an export directory may be on gs:// or s3://
+
     data, index = pack(arrays)
-    with open(os.path.join(io_dir, stem + ".npz"), "wb") as f:
+    with tf.io.gfile.GFile(os.path.join(io_dir, stem + ".npz"), "wb") as f:
         f.write(data)
-    with open(os.path.join(io_dir, stem + ".json"), "w") as f:
-        json.dump(index, f)
+    with tf.io.gfile.GFile(os.path.join(io_dir, stem + ".json"), "w") as f:
+        f.write(json.dumps(index))
 
 
 def load_arrays(io_dir: str, stem: str) -> Dict[str, Dict[str, np.ndarray]]:
-    with open(os.path.join(io_dir, stem + ".json")) as f:
-        index = json.load(f)
-    with open(os.path.join(io_dir, stem + ".npz"), "rb") as f:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(os.path.join(io_dir, stem + ".json")) as f:
+        index = json.loads(f.read())
+    with tf.io.gfile.GFile(os.path.join(io_dir, stem + ".npz"), "rb") as f:
         return unpack(f.read(), index)
 
 

@@ -533,6 +533,35 @@ def test_an_unchecked_old_export_is_not_reused(tmp_path, caplog):
     assert "it was not checked with the session loader" in caplog.text
 
 
+class _Plant:
+    """Unpickling this writes a file: what an adversary would put in an export's check batch."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_check_batch_planted_in_an_export_is_never_unpickled(tmp_path, caplog):
+    """The reuse decision reads the check batch back from the export directory: a crafted
+    .npz holding a pickle is refused (no code runs from data), and a new version is written."""
+    cfg = make_cfg(tmp_path / "run", **{"model.kind": "module", "trainer.max_steps": 2,
+                                         "export.enabled": True, "export.verify": False})
+    trainer = KindTrainer(cfg)
+    first = trainer.fit().export_path
+    info = export_lib.read_export_info(first)
+    victim = tmp_path / "pwned"
+    planted = np.empty(1, dtype=object)
+    planted[0] = _Plant(str(victim))
+    name = info["check"]["arrays"]["outputs"]["serving_default"]["logits"]
+    np.savez(os.path.join(first, "assets.extra", "ckptkit_check_outputs.npz"), **{name: planted})
+    caplog.set_level("INFO", "ckptkit")
+    assert trainer.export() == os.path.join(os.path.dirname(first), "2")
+    assert not victim.exists()
+    assert "it holds no check batch to compare with" in caplog.text
+
+
 # --- filesystems without a directory rename --------------------------------------------------
 
 def test_an_export_to_ram_is_complete(tmp_path, caplog):
