@@ -318,26 +318,25 @@ def compare(want, got, where: str) -> None:
             if expected.shape != actual.shape:
                 raise ExportError(f"{label} has shape {list(actual.shape)}, the live model "
                                   f"gives {list(expected.shape)}")
-            if np.issubdtype(expected.dtype, np.inexact):
-                same = (np.issubdtype(actual.dtype, np.inexact)
-                        and np.allclose(actual, expected, rtol=1e-5, atol=1e-6, equal_nan=True))
-            else:
-                same = expected.dtype.kind == actual.dtype.kind and np.array_equal(actual, expected)
-            if not same:
-                raise ExportError(f"{label} differs from the live model ({_first_difference(expected, actual)}); "
+            why = _difference(expected, actual)
+            if why:
+                raise ExportError(f"{label} differs from the live model ({why}); "
                                   "the SavedModel does not reproduce the trained model")
 
 
-def _first_difference(expected: np.ndarray, actual: np.ndarray) -> str:
-    if expected.dtype.kind != actual.dtype.kind and not (
-            np.issubdtype(expected.dtype, np.inexact) and np.issubdtype(actual.dtype, np.inexact)):
+def _difference(expected: np.ndarray, actual: np.ndarray) -> Optional[str]:
+    """None when ``actual`` (of ``expected``'s shape) matches: floats within 1e-5, anything
+    else exactly, of the same dtype kind; else the first difference."""
+    inexact = np.issubdtype(expected.dtype, np.inexact)
+    if inexact != np.issubdtype(actual.dtype, np.inexact) or (
+            not inexact and expected.dtype.kind != actual.dtype.kind):
         return f"dtype {actual.dtype}, expected {expected.dtype}"
-    flat_e, flat_a = expected.reshape(-1), actual.reshape(-1)
-    for i, (e, a) in enumerate(zip(flat_e, flat_a)):
-        if not (np.isclose(a, e, rtol=1e-5, atol=1e-6, equal_nan=True)
-                if np.issubdtype(expected.dtype, np.inexact) else e == a):
-            return f"element {i}: {a!r}, expected {e!r}"
-    return "values differ"
+    same = (np.isclose(actual, expected, rtol=1e-5, atol=1e-6, equal_nan=True) if inexact
+            else np.asarray(actual == expected, dtype=bool).reshape(expected.shape))
+    if same.all():
+        return None
+    i = int(np.argmin(same.reshape(-1)))
+    return f"element {i}: {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r}"
 
 
 def _remove_stale_temporaries(export_dir: str) -> None:
