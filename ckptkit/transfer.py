@@ -97,8 +97,8 @@ def _what_to_pass_instead(path: str) -> str:
     """A sentence for the files people pass where a checkpoint prefix is meant."""
     name = os.path.basename(path.rstrip("/"))
     if name.endswith(".index") or ".data-" in name:
-        prefix = os.path.join(os.path.dirname(path), name[: name.index(".index")] if name.endswith(".index")
-                              else name[: name.index(".data-")])
+        stem = name[: -len(".index")] if name.endswith(".index") else name[: name.index(".data-")]
+        prefix = os.path.join(os.path.dirname(path), stem)
         return (f": it is one file of a checkpoint; pass the checkpoint's prefix, {prefix!r} "
                 "(the path without .index or .data-*)")
     if name.endswith((".h5", ".hdf5")):
