@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Optional
 
 import tensorflow as tf
 
-from ckptkit import metadata, storage
+from ckptkit import metadata, storage, transfer
 from ckptkit._compat import patch_keras_async_checkpoint, patch_keras_checkpoint_children
 from ckptkit.iterator_state import IteratorCheckpoint, is_dataset_iterator, peek
 from ckptkit.errors import (
@@ -116,6 +116,7 @@ class Checkpointer:
                       for name, obj in trackables.items()}
         self._iterators = [t for t in trackables.values() if isinstance(t, IteratorCheckpoint)]
         self._trackables = dict(trackables)
+        self._layer_names_record: Optional[Dict[str, str]] = None
         self._checkpoint = tf.train.Checkpoint(**trackables)
         # TensorFlow's async saver creates `save_counter` on first use, so it is in async
         # checkpoints; create it up front so sync and async checkpoints hold the same objects
@@ -199,7 +200,7 @@ class Checkpointer:
         self._clear_the_way(step)
         started = time.time()
         info = CheckpointInfo(step=step, path=prefix, time=started, metrics=metrics,
-                              uid=secrets.token_hex(8))
+                              uid=secrets.token_hex(8), layer_names=self._layer_names())
         returned = threading.Event()  # set once write() returned and blocking time is known
         timing = {}
         options = tf.train.CheckpointOptions(
@@ -425,6 +426,14 @@ class Checkpointer:
                     storage.remove_file(f)
                 del self._records[c.step]
                 log.info("deleted checkpoint %s (step %d) by retention", c.path, c.step)
+
+    def _layer_names(self) -> Optional[Dict[str, str]]:
+        """The names of the model's listed layers that its checkpoints cannot carry
+        (``transfer.layer_names_record``), worked out at the first save: by then the model
+        is built, and its structure stays the same for the rest of the run."""
+        if self._layer_names_record is None and transfer.ROOT in self._trackables:
+            self._layer_names_record = transfer.layer_names_record(self._trackables[transfer.ROOT])
+        return self._layer_names_record or None
 
     # --- restoring -----------------------------------------------------------------------
 

@@ -206,10 +206,12 @@ def cmd_inspect(args) -> int:
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(prefix)
-    shown = {key for key, _ in specs.values()}
-    rows = [("path", "shape", "dtype", "checkpoint key")]
-    for path, (key, (shape, dtype)) in sorted(specs.items()):
-        rows.append((path, str(shape.as_list()), dtype.name, "" if key.startswith(path + "/") or key == path else key))
+    shown = {e.key for e in specs.values()}
+    rows = [("path", "shape", "dtype", "object-graph path / checkpoint key")]
+    for path, e in sorted(specs.items()):
+        shape, dtype = e.spec
+        alias = e.aliases[0] if e.aliases else ("" if e.key.startswith(path + "/") or e.key == path else e.key)
+        rows.append((path, str(shape.as_list()), dtype.name, alias))
     others = sorted(k for k in reader.get_variable_to_shape_map()
                     if k not in shown and k != "_CHECKPOINTABLE_OBJECT_GRAPH")
     for key in others:
@@ -225,7 +227,7 @@ def cmd_diff(args) -> int:
 
     a, b = transfer.resolve_source(args.a), transfer.resolve_source(args.b)
     source = transfer.checkpoint_specs(a)
-    target = {p: spec for p, (_, spec) in transfer.checkpoint_specs(b).items()}
+    target = transfer.checkpoint_specs(b)
     rename = dict(item.split("=", 1) for item in args.rename)
     report, _ = transfer.plan_restore(source, target, include=args.include or None,
                                       exclude=args.exclude, rename=rename, source_name=a)

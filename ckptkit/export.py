@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from ckptkit.errors import ExportError
-from ckptkit import serving_check, storage
+from ckptkit import serving_check, storage, transfer
 from ckptkit.storage import atomic_write_text
 from ckptkit.runlock import pid_alive
 
@@ -593,6 +593,7 @@ def export_checkpoint(
         feeds, sources = signature_feeds(signatures, sample)
         record = {"step": source.step, "checkpoint": os.path.basename(source.path),
                   "checkpoint_uid": source.uid, "metrics": source.metrics,
+                  "layer_names": transfer.layer_names_record(model),
                   "exported_at": time.time(), "signatures": described, **dict(info or {})}
         path = export_saved_model(model, signatures, export_dir, info=record, config_yaml=config_yaml,
                                   feeds=feeds, expected=live_outputs(signatures, feeds),

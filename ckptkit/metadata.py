@@ -122,6 +122,7 @@ class _Entry:
     save_seconds: Optional[float] = None
     blocking_seconds: Optional[float] = None
     uid: Optional[str] = None
+    layer_names: Optional[Dict[str, str]] = None
     problems: List[str] = field(default_factory=list)
 
 
@@ -147,6 +148,9 @@ def _parse_entry(raw) -> Optional[_Entry]:
     e.blocking_seconds = take("blocking_seconds", _number(raw.get("blocking_seconds"), 0.0, 1e9))
     uid = raw.get("uid")
     e.uid = take("uid", uid if isinstance(uid, str) and uid else None)
+    names = raw.get("layer_names")
+    e.layer_names = take("layer_names", dict(names) if isinstance(names, dict) and all(
+        isinstance(k, str) and isinstance(v, str) and "/" not in v for k, v in names.items()) else None)
     metrics = raw.get("metrics")
     if isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics):
         e.metrics = {k: _finite_or_none(v) for k, v in metrics.items()}
@@ -259,6 +263,7 @@ def scan(directory: str, *, doc: Optional[dict] = None) -> List[CheckpointInfo]:
             save_seconds=entry.save_seconds,
             blocking_seconds=entry.blocking_seconds,
             uid=entry.uid,
+            layer_names=entry.layer_names,
         ))
     return found
 
@@ -306,6 +311,7 @@ def write_metadata(directory: str, checkpoints: Sequence[CheckpointInfo], *,
                 "blocking_seconds": c.blocking_seconds,
                 "size": c.size,
                 "uid": c.uid,
+                **({"layer_names": dict(c.layer_names)} if c.layer_names else {}),
                 "metrics": None if c.metrics is None
                 else {k: _finite_or_none(v) for k, v in c.metrics.items()},
             }

@@ -26,6 +26,9 @@ class CheckpointInfo:
     save_seconds: Optional[float] = None  # from the start of the save to files complete
     blocking_seconds: Optional[float] = None  # how long the save held up training
     uid: Optional[str] = None  # random identity given at save time (an export names it)
+    # object-graph path -> name of the listed Keras layers a checkpoint cannot name by
+    # itself (see transfer.layer_names_record); empty for most models
+    layer_names: Optional[Mapping[str, str]] = None
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,22 @@ checkpoint, mismatched in shape or dtype, and checkpoint values nothing used.
 from __future__ import annotations
 
 import collections
+import difflib
 import fnmatch
+import io
+import json
 import logging
 import os
+import re
+import zipfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ckptkit import metadata
+from ckptkit._compat import patch_keras_checkpoint_children
 from ckptkit.errors import CheckpointMismatchError, CheckpointNotFoundError
 
 log = logging.getLogger("ckptkit")
@@ -101,14 +107,13 @@ def _what_to_pass_instead(path: str) -> str:
         prefix = os.path.join(os.path.dirname(path), stem)
         return (f": it is one file of a checkpoint; pass the checkpoint's prefix, {prefix!r} "
                 "(the path without .index or .data-*)")
+    if name.endswith(KERAS_FILE_SUFFIXES):
+        return (": it is a Keras weights file, not a TensorFlow checkpoint; a warm start reads it "
+                "(checkpoint.init_from.path, restore_partial), matching layers by name")
     if name.endswith((".h5", ".hdf5")):
         return (": it is a Keras HDF5 weights file, not a TensorFlow checkpoint; load it in "
                 "build_model() with model.load_weights(path), or write a checkpoint of the loaded "
                 "model with tf.train.Checkpoint(model=model).write(prefix) and pass that prefix")
-    if name.endswith(".keras"):
-        return (": it is a Keras model archive, not a TensorFlow checkpoint; load it in "
-                "build_model() with keras.models.load_model(path), or write a checkpoint of it with "
-                "tf.train.Checkpoint(model=model).write(prefix) and pass that prefix")
     if not tf.io.gfile.exists(path):
         return ": nothing exists at that path"
     return ""
@@ -124,41 +129,127 @@ def checkpoint_name_paths(prefix: str) -> Dict[str, str]:
     return {name: name for name, _ in tf.train.list_variables(prefix)}
 
 
-def variable_name(var) -> str:
-    """A variable's name as a TF1 Saver would have written it: no ``:0``; a Keras 3
-    variable's ``path`` (``dense/kernel``)."""
-    name = getattr(var, "path", None) or var.name
-    return name[:-2] if name.endswith(":0") else name
+# --- paths -----------------------------------------------------------------------------
+#
+# A variable's *path* is its object-graph path under ``model/`` with Keras's layer names in
+# place of list positions. A functional or Sequential model keeps its layers in a list
+# (``model/_operations/3/_kernel`` in a checkpoint) whose positions shift when a layer is
+# added, so ckptkit calls that variable ``model/head/kernel``; the object-graph path stays
+# an alias for include, exclude and rename. Layers a user keeps in a list attribute keep
+# their positions (``model/blocks/0/kernel``): that list is the user's own structure, and
+# Keras's generated names (``dense_7``) depend on what else the process built.
+
+_KERAS_LAYER_LISTS = ("_operations", "_layers")  # Keras 3: the layers of a Functional
+_TF_KERAS_LAYER_EDGE = re.compile(r"layer(_with_weights)?-\d+")  # tf-keras functional/Sequential
+_TRANSPARENT_EDGES = ("_functional",)  # Keras 3: the Functional inside a Sequential
 
 
-def checkpoint_variable_paths(prefix: str, root: str = ROOT) -> Dict[str, str]:
-    """Object-graph path -> checkpoint key of every variable under ``root`` in ``prefix``.
+@dataclass
+class Paths:
+    """The variables of a model or checkpoint: path -> leaf (a variable or checkpoint key)
+    for each naming asked for, and each path's object-graph path (its alias)."""
 
-    If the checkpoint's root has no child named ``root`` the whole graph is used. Paths
-    start with ``root/``. A variable reachable by several paths keeps the shortest.
+    by_naming: List[Dict[str, object]]
+    raw: List[Dict[str, str]]  # per naming: path -> object-graph path
+    named_layers: Dict[str, Tuple[Optional[str], ...]]  # object-graph path -> name per naming
+
+
+def _walk(root, children: Callable, full_name: Callable, namings: Sequence[Callable]) -> Paths:
+    """Breadth-first over an object graph from ``root``; the shortest object-graph path wins.
+
+    ``children(node)`` yields ``(edge, child, identity)``. ``full_name(node)`` is None for
+    anything but a variable, else the variable's own name (``head/kernel``, or ""); its last
+    part replaces a leaf edge that is that name behind underscores (Keras 3's ``_kernel``).
+    Each of ``namings`` gives a listed layer's name from ``(node, object-graph path)``, or None
+    to keep its position. Two variables that would share a path both keep the object-graph one.
     """
+    n = len(namings)
+    found: List[Tuple[str, object, Tuple[str, ...]]] = []
+    named: Dict[str, Tuple[Optional[str], ...]] = {}
+    queue = collections.deque([(root, ROOT, (ROOT,) * n, None)])
+    seen = set()
+    while queue:
+        node, raw, paths, in_list = queue.popleft()
+        for edge, child, identity in children(node):
+            if identity in seen:
+                continue
+            seen.add(identity)
+            child_raw, child_list = f"{raw}/{edge}", None
+            name = full_name(child)
+            if name is not None:
+                leaf = name.rsplit("/", 1)[-1]
+                segment = leaf if leaf and edge.lstrip("_") == leaf else edge
+                found.append((child_raw, child, tuple(f"{p}/{segment}" for p in paths)))
+                continue
+            if edge in _TRANSPARENT_EDGES:
+                child_paths = paths
+            elif edge in _KERAS_LAYER_LISTS:
+                child_paths, child_list = paths, edge
+            elif (in_list and edge.isdigit()) or _TF_KERAS_LAYER_EDGE.fullmatch(edge):
+                names = tuple(naming(child, child_raw) for naming in namings)
+                named[child_raw] = names
+                spelled = f"{in_list}/{edge}" if in_list else edge
+                child_paths = tuple(f"{p}/{nm or spelled}" for p, nm in zip(paths, names))
+            else:
+                child_paths = tuple(f"{p}/{edge}" for p in paths)
+            queue.append((child, child_raw, child_paths, child_list))
+    out = Paths([{} for _ in range(n)], [{} for _ in range(n)], named)
+    for i in range(n):
+        counts = collections.Counter(paths[i] for _, _, paths in found)
+        for raw, leaf, paths in found:
+            path = paths[i] if counts[paths[i]] == 1 else raw
+            out.by_naming[i][path] = leaf
+            out.raw[i][path] = raw
+    return out
+
+
+def _own_layer_name(variable_names: Sequence[str]) -> Optional[str]:
+    """A layer's name as its own variables carry it (``head`` of ``head/kernel``)."""
+    owners = {name.split("/")[-2] for name in variable_names if name.count("/") >= 1}
+    return owners.pop() if len(owners) == 1 else None
+
+
+def _checkpoint_graph(prefix: str):
     reader = tf.train.load_checkpoint(prefix)
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
     graph.ParseFromString(reader.get_tensor(_GRAPH_KEY))
-    start = 0
-    for child in graph.nodes[0].children:
-        if child.local_name == root:
-            start = child.node_id
-            break
-    out: Dict[str, str] = {}
-    seen = {start}
-    queue = collections.deque([(start, root)])
-    while queue:
-        node_id, path = queue.popleft()
-        node = graph.nodes[node_id]
-        for attr in node.attributes:
-            if attr.name == _VALUE_ATTR:
-                out[path] = attr.checkpoint_key
-        for child in node.children:
-            if child.node_id not in seen:
-                seen.add(child.node_id)
-                queue.append((child.node_id, f"{path}/{child.local_name}"))
-    return out
+    return graph
+
+
+def checkpoint_paths(prefix: str, layer_names: Optional[Mapping[str, str]] = None) -> Paths:
+    """The variables of ``prefix`` under ``model`` (the whole graph if the root has no child
+    ``model``): path -> checkpoint key. A listed layer is named by ``layer_names``
+    (object-graph path -> name, as ckptkit records it next to a checkpoint), else by the
+    names its own variables carry; a layer with no variables of its own and no record keeps
+    its position."""
+    graph = _checkpoint_graph(prefix)
+    start = next((c.node_id for c in graph.nodes[0].children if c.local_name == ROOT), 0)
+    value = {i: next((a for a in node.attributes if a.name == _VALUE_ATTR), None)
+             for i, node in enumerate(graph.nodes)}
+    record = dict(layer_names or {})
+
+    def children(node_id):
+        return [(c.local_name, c.node_id, c.node_id) for c in graph.nodes[node_id].children]
+
+    def full_name(node_id):
+        attr = value[node_id]
+        return None if attr is None else attr.full_name
+
+    def naming(node_id, raw):
+        if raw in record:
+            return record[raw]
+        return _own_layer_name([full_name(c.node_id) for c in graph.nodes[node_id].children
+                                if value[c.node_id] is not None])
+
+    paths = _walk(start, children, full_name, [naming])
+    paths.by_naming[0] = {p: value[node_id].checkpoint_key for p, node_id in paths.by_naming[0].items()}
+    return paths
+
+
+def checkpoint_variable_paths(prefix: str) -> Dict[str, str]:
+    """Path -> checkpoint key of every variable under ``model`` in ``prefix``, named with the
+    layer names ckptkit recorded for it (see :func:`recorded_layer_names`)."""
+    return checkpoint_paths(prefix, recorded_layer_names(prefix)).by_naming[0]
 
 
 def _is_variable(obj) -> bool:
@@ -167,22 +258,72 @@ def _is_variable(obj) -> bool:
         and hasattr(obj, "_serialize_to_tensors"))
 
 
-def model_variable_paths(model, root: str = ROOT) -> Dict[str, object]:
-    """Object-graph path -> variable for every variable of ``model`` (shortest path wins)."""
+def variable_name(var) -> str:
+    """A variable's name as a TF1 Saver would have written it: no ``:0``; a Keras 3
+    variable's ``path`` (``dense/kernel``)."""
+    name = getattr(var, "path", None) or var.name
+    return name[:-2] if name.endswith(":0") else name
+
+
+def _model_walk(model) -> Paths:
+    """The model's variables named two ways: by the layers' real names, and as a checkpoint
+    of it without ckptkit's record would name them (by the names their variables carry)."""
+    patch_keras_checkpoint_children()
     view = tf.train.TrackableView(model)
-    out: Dict[str, object] = {}
-    seen = {id(model)}
-    queue = collections.deque([(model, root)])
-    while queue:
-        obj, path = queue.popleft()
+
+    def children(obj):
         if _is_variable(obj):
-            out[path] = obj
-            continue
-        for name, child in view.children(obj).items():
-            if id(child) not in seen:
-                seen.add(id(child))
-                queue.append((child, f"{path}/{name}"))
-    return out
+            return []
+        return [(edge, child, id(child)) for edge, child in view.children(obj).items()]
+
+    def full_name(obj):
+        return variable_name(obj) if _is_variable(obj) else None
+
+    def real_name(obj, raw):
+        name = getattr(obj, "name", None)
+        return name if isinstance(name, str) and name and "/" not in name else None
+
+    def carried_name(obj, raw):
+        return _own_layer_name([variable_name(c) for c in view.children(obj).values()
+                                if _is_variable(c)])
+
+    return _walk(model, children, full_name, [real_name, carried_name])
+
+
+def model_variable_paths(model) -> Dict[str, object]:
+    """Path -> variable for every variable of ``model`` (shortest object-graph path wins)."""
+    return _model_walk(model).by_naming[0]
+
+
+def layer_names_record(model) -> Dict[str, str]:
+    """What a checkpoint of ``model`` cannot tell by itself: object-graph path -> name of
+    each listed layer whose name its own variables do not carry (a nested model, a layer
+    made only of sublayers). ckptkit keeps it in ``metadata.json`` and the export's
+    ``ckptkit_export.json``, so its checkpoints and exports are named in full."""
+    walked = _model_walk(model)
+    holding = set(walked.raw[0].values())
+    return {raw: real for raw, (real, carried) in walked.named_layers.items()
+            if real is not None and real != carried
+            and any(r.startswith(raw + "/") for r in holding)}
+
+
+def recorded_layer_names(prefix: str) -> Dict[str, str]:
+    """The layer names ckptkit recorded for the checkpoint or export at ``prefix``."""
+    directory, base = os.path.split(prefix)
+    step = metadata.step_of(prefix)
+    if step is not None:
+        entry = metadata.read_entries(directory).get(step)
+        return dict(entry.layer_names or {}) if entry is not None else {}
+    if base == "variables" and os.path.basename(directory) == "variables":
+        info = os.path.join(os.path.dirname(directory), "assets.extra", "ckptkit_export.json")
+        try:
+            with tf.io.gfile.GFile(info) as f:
+                names = json.load(f).get("layer_names")
+        except (tf.errors.OpError, ValueError, AttributeError):
+            return {}
+        if isinstance(names, dict):
+            return {k: v for k, v in names.items() if isinstance(k, str) and isinstance(v, str)}
+    return {}
 
 
 def unreachable_variables(model) -> List[str]:
@@ -203,61 +344,288 @@ def _renamed(path: str, rename: Mapping[str, str]) -> str:
     return path
 
 
-def _selected(path: str, include: Optional[Sequence[str]], exclude: Sequence[str]) -> bool:
-    if include is not None and not any(fnmatch.fnmatchcase(path, g) for g in include):
-        return False
-    return not any(fnmatch.fnmatchcase(path, g) for g in exclude)
+def _selected(spellings: Sequence[str], include: Optional[Sequence[str]], exclude: Sequence[str]) -> bool:
+    """Whether a variable known by ``spellings`` (its path, then its aliases) is selected:
+    ``include`` (if given) must match one of them, ``exclude`` none."""
+    def matches(globs):
+        return any(fnmatch.fnmatchcase(s, g) for s in spellings for g in globs)
+    return (include is None or matches(include)) and not matches(exclude)
 
 
 Spec = Tuple[tf.TensorShape, tf.DType]
 
 
-def checkpoint_specs(prefix: str) -> Dict[str, Tuple[str, Spec]]:
-    """Variable path -> (checkpoint key, (shape, dtype)); paths under ``model/`` for TF2
-    checkpoints and SavedModels, variable names for TF1 name-based checkpoints."""
+@dataclass(frozen=True)
+class Entry:
+    """One variable of a source or a target: its key in the source (a checkpoint key, an
+    HDF5 dataset; "" in a target), its shape and dtype, and the other spellings of its path
+    (the object-graph path; in a model also the path a checkpoint of it would have had
+    without ckptkit's record of layer names)."""
+
+    key: str
+    spec: Spec
+    aliases: Tuple[str, ...] = ()
+
+
+def _flat_variable_list(paths: Mapping[str, str]) -> bool:
+    """A SavedModel that keeps its variables in one list (Keras's ``model.export()``:
+    ``variables/0``, ``variables/1``, ...) says nothing by path: match it by variable name."""
+    return bool(paths) and all(re.fullmatch(rf"{ROOT}/[^/]+/\d+", p) for p in paths)
+
+
+def checkpoint_specs(prefix: str) -> Dict[str, Entry]:
+    """Variable path -> Entry: layer-name paths under ``model/`` for TF2 checkpoints and
+    SavedModels, variable names for TF1 name-based checkpoints and flat variable lists."""
     reader = tf.train.load_checkpoint(prefix)
     shapes = reader.get_variable_to_shape_map()
     dtypes = reader.get_variable_to_dtype_map()
-    paths = checkpoint_variable_paths(prefix) if has_object_graph(prefix) else checkpoint_name_paths(prefix)
-    return {p: (key, (tf.TensorShape(shapes[key]), dtypes[key])) for p, key in paths.items()}
+
+    def spec(key):
+        return tf.TensorShape(shapes[key]), dtypes[key]
+
+    if not has_object_graph(prefix):
+        return {name: Entry(name, spec(name)) for name in checkpoint_name_paths(prefix)}
+    walked = checkpoint_paths(prefix, recorded_layer_names(prefix))
+    keys, raw = walked.by_naming[0], walked.raw[0]
+    if _flat_variable_list(keys):
+        graph = _checkpoint_graph(prefix)
+        names = {a.checkpoint_key: a.full_name for node in graph.nodes for a in node.attributes
+                 if a.name == _VALUE_ATTR and a.full_name}
+        if all(k in names for k in keys.values()):
+            by_name: Dict[str, Entry] = {}
+            for p, k in keys.items():  # Keras lists each variable twice (variables, _all_variables)
+                by_name.setdefault(names[k], Entry(k, spec(k), (p,)))
+            return by_name
+    return {p: Entry(k, spec(k), (raw[p],) if raw[p] != p else ()) for p, k in keys.items()}
+
+
+def by_variable_name(entries: Mapping[str, Entry]) -> bool:
+    """Whether ``checkpoint_specs`` keyed these by variable name rather than by path."""
+    return not any(p == ROOT or p.startswith(ROOT + "/") for p in entries)
 
 
 def plan_restore(
-    source: Mapping[str, Tuple[str, Spec]],
-    target: Mapping[str, Spec],
+    source: Mapping[str, Entry],
+    target: Mapping[str, Entry],
     *,
     include: Optional[Sequence[str]] = None,
     exclude: Sequence[str] = (),
     rename: Optional[Mapping[str, str]] = None,
     source_name: str = "",
 ) -> Tuple[RestoreReport, Dict[str, str]]:
-    """Match ``source`` (path -> (key, spec)) against ``target`` (path -> spec).
+    """Match ``source`` against ``target`` (both path -> Entry).
 
-    Returns the report (``restored`` lists what would be restored) and target path ->
-    checkpoint key for those. Pure: ``ckptkit diff`` and ``restore_partial`` share it.
+    ``rename`` maps prefixes of source paths (or of their aliases) to target paths; a target
+    variable takes the source of its path, else of one of its aliases. Returns the report
+    (``restored`` lists what would be restored) and target path -> source key for those.
+    Pure: ``ckptkit diff`` and ``restore_partial`` share it.
     """
-    renamed = {_renamed(p, dict(rename or {})): entry for p, entry in source.items()}
+    rename = dict(rename or {})
+    renamed: Dict[str, Entry] = {}
+    for p, entry in source.items():
+        q = _renamed(p, rename)
+        for alias in entry.aliases if q == p else ():
+            if _renamed(alias, rename) != alias:
+                q = _renamed(alias, rename)
+                break
+        renamed[q] = entry
     report = RestoreReport(source=source_name)
     matches: Dict[str, str] = {}
+    claimed = set()
     for p in sorted(target):
-        want_shape, want_dtype = target[p]
-        if not _selected(p, include, exclude):
+        want = target[p]
+        if not _selected((p, *want.aliases), include, exclude):
             report.skipped_by_selection.append(p)
             continue
-        if p not in renamed:
+        found = next((q for q in (p, *want.aliases) if q in renamed and q not in claimed), None)
+        if found is None:
             report.missing_in_checkpoint.append(p)
             continue
-        key, (have_shape, have_dtype) = renamed[p]
+        claimed.add(found)
+        have = renamed[found]
+        (want_shape, want_dtype), (have_shape, have_dtype) = want.spec, have.spec
         if not want_shape.is_compatible_with(have_shape) or want_dtype != have_dtype:
             report.mismatched.append(
                 (p, f"checkpoint has {have_shape.as_list()} {have_dtype.name}, "
                     f"model has {want_shape.as_list()} {want_dtype.name}"))
             continue
-        matches[p] = key
+        matches[p] = have.key
         report.restored.append(p)
     report.unused_in_checkpoint = sorted(
-        p for p in renamed if p not in target and _selected(p, include, exclude))
+        q for q, e in renamed.items() if q not in claimed and _selected((q, *e.aliases), include, exclude))
     return report, matches
+
+
+def _rename_between(source: str, target: str) -> Optional[Tuple[str, str]]:
+    """The prefix rename that maps ``source`` onto ``target`` (their differing leading parts)."""
+    s, t = source.split("/"), target.split("/")
+    n = 0
+    while n < min(len(s), len(t)) - 1 and s[-1 - n] == t[-1 - n]:
+        n += 1
+    if n == 0:
+        return None
+    return "/".join(s[:-n]) + "/", "/".join(t[:-n]) + "/"
+
+
+def nearest_hints(report: RestoreReport, limit: int = 10) -> List[str]:
+    """For each missing variable the nearest unused checkpoint names, and the renames that
+    would map them (most variables first), as lines of an error message."""
+    lines, renames = [], collections.Counter()
+    for p in report.missing_in_checkpoint:
+        near = difflib.get_close_matches(p, report.unused_in_checkpoint, n=2, cutoff=0.5)
+        if near and len(lines) < limit:
+            lines.append(f"{p}: nearest in checkpoint: {', '.join(near)}")
+        if near and _rename_between(near[0], p):
+            renames[_rename_between(near[0], p)] += 1
+    for (old, new), count in renames.most_common(3):
+        lines.append(f"checkpoint.init_from.rename='{{{old}: {new}}}' would map {count} of them "
+                     "(one command-line override)")
+    return lines
+
+
+def _target(model, names_only: bool, extra_aliases: Optional[Mapping[int, str]] = None,
+            ) -> Tuple[Dict[str, Entry], Dict[str, object]]:
+    """The model's variables as a restore target: path -> Entry, and path -> variable.
+    ``extra_aliases`` (id(variable) -> spelling) adds a spelling to each variable's."""
+    walked = _model_walk(model)
+    variables = walked.by_naming[0]
+    if names_only:
+        by_name: Dict[str, object] = {}
+        for v in variables.values():
+            name = variable_name(v)
+            if name in by_name:
+                raise CheckpointMismatchError(
+                    f"the checkpoint is matched by variable name, but several variables of the "
+                    f"model are named {name!r}; give them unique names")
+            by_name[name] = v
+        return {p: Entry("", _spec_of(v)) for p, v in by_name.items()}, by_name
+    carried = {id(v): p for p, v in walked.by_naming[1].items()}
+    target = {}
+    for p, v in variables.items():
+        spellings = (carried.get(id(v)), walked.raw[0][p], (extra_aliases or {}).get(id(v)))
+        aliases = tuple(dict.fromkeys(a for a in spellings if a and a != p))
+        target[p] = Entry("", _spec_of(v), aliases)
+    return target, variables
+
+
+def _spec_of(v) -> Spec:
+    return tf.TensorShape(v.shape), tf.as_dtype(v.dtype)
+
+
+# --- Keras weights files ---------------------------------------------------------------
+#
+# Keras 3 writes ``.weights.h5`` (and the ``model.weights.h5`` inside a ``.keras`` archive)
+# as one HDF5 group per layer, keyed by class names and counters (``layers/dense_1/vars/0``),
+# with the layer's own name in the attribute ``name`` of its ``vars`` group. ckptkit matches
+# such a file by layer name: a variable is ``model/<layer names from the root>/<position
+# among its layer's own variables>`` there (``model/bb/body/0``), and the new model's
+# variables carry that spelling as an alias of their paths (``model/bb/body/kernel``).
+
+KERAS_FILE_SUFFIXES = (".weights.h5", ".keras")
+
+
+def is_keras_file(path: str) -> bool:
+    return path.endswith(KERAS_FILE_SUFFIXES) and not tf.io.gfile.isdir(path)
+
+
+def _sublayers(layer) -> list:
+    flatten = getattr(layer, "_flatten_layers", None)
+    return list(flatten(include_self=False, recursive=False)) if flatten else []
+
+
+def _own_variables(layer) -> list:
+    return list(getattr(layer, "_trainable_variables", [])) + list(getattr(layer, "_non_trainable_variables", []))
+
+
+def keras_layer_aliases(model) -> Dict[int, str]:
+    """id(variable) -> ``model/<layer names>/<position>``, the spelling a Keras weights file
+    gives the variable (see above)."""
+    out: Dict[int, str] = {}
+    queue = collections.deque((layer, f"{ROOT}/{layer.name}") for layer in _sublayers(model))
+    for i, v in enumerate(_own_variables(model)):
+        out.setdefault(id(v), f"{ROOT}/{i}")
+    seen = set()
+    while queue:
+        layer, path = queue.popleft()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        for i, v in enumerate(_own_variables(layer)):
+            out.setdefault(id(v), f"{path}/{i}")
+        queue.extend((sub, f"{path}/{sub.name}") for sub in _sublayers(layer))
+    return out
+
+
+class _KerasFile:
+    """The variables of a ``.weights.h5`` or ``.keras`` file, by layer name."""
+
+    def __init__(self, path: str):
+        import h5py  # a dependency of Keras 3
+
+        self.path = path
+        try:
+            if path.endswith(".keras"):
+                self._file = h5py.File(self._weights_of_archive(path), "r")
+            elif "://" in path:  # h5py reads local files; anything else is read into memory
+                with tf.io.gfile.GFile(path, "rb") as f:
+                    self._file = h5py.File(io.BytesIO(f.read()), "r")
+            else:
+                self._file = h5py.File(path, "r")
+        except OSError as exc:
+            raise CheckpointNotFoundError(f"{path} is not a Keras weights file (HDF5): {exc}") from exc
+
+    @staticmethod
+    def _weights_of_archive(path: str) -> io.BytesIO:
+        try:
+            with tf.io.gfile.GFile(path, "rb") as raw, zipfile.ZipFile(raw) as archive:
+                if "model.weights.h5" not in archive.namelist():
+                    raise CheckpointNotFoundError(
+                        f"{path} is a .keras archive without model.weights.h5 (the weights of a "
+                        "Keras 3 model); it holds: " + ", ".join(archive.namelist()[:10]))
+                with archive.open("model.weights.h5") as member:
+                    return io.BytesIO(member.read())
+        except (zipfile.BadZipFile, tf.errors.OpError) as exc:  # OpError: seeking before the start
+            reason = getattr(exc, "message", None) or str(exc)
+            raise CheckpointNotFoundError(f"{path} is not a .keras archive (not a zip file: {reason})") from exc
+
+    def entries(self) -> Dict[str, Entry]:
+        import h5py
+
+        groups = {}  # HDF5 path of a layer group -> its layer name
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Group) and name.endswith("vars") and "name" in obj.attrs:
+                groups[name[: -len("vars")].rstrip("/")] = str(obj.attrs["name"])
+
+        self._file.visititems(visit)
+        if not groups:
+            raise CheckpointMismatchError(
+                f"{self.path} records no layer names (written by a Keras older than 3.x, or by "
+                "tf-keras), so ckptkit cannot match it by name; load it in build_model() with "
+                "model.load_weights(path), which matches by position")
+        out: Dict[str, Entry] = {}
+        for group, _ in sorted(groups.items()):
+            chain = [groups[g] for g in self._ancestors(group) if g in groups and g != ""]
+            for i, ds in sorted(self._file[f"{group}/vars" if group else "vars"].items()):
+                if isinstance(ds, h5py.Dataset):
+                    key = f"{group}/vars/{i}" if group else f"vars/{i}"
+                    out["/".join([ROOT, *chain, i])] = Entry(
+                        key, (tf.TensorShape(ds.shape), tf.as_dtype(ds.dtype)))
+        return out
+
+    @staticmethod
+    def _ancestors(group: str) -> List[str]:
+        parts = group.split("/") if group else []
+        return ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]
+
+    def read(self, key: str):
+        return self._file[key][()]
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# --- warm start --------------------------------------------------------------------------
 
 
 def restore_partial(
@@ -272,45 +640,68 @@ def restore_partial(
 ) -> RestoreReport:
     """Copy the selected, matching variables of checkpoint ``path`` into ``model``.
 
-    TF2 checkpoints (and SavedModels) are matched by object-graph path under ``model/``;
-    a TF1 name-based checkpoint (``tf.compat.v1.train.Saver``) by variable name, which
-    ``rename`` can map. With ``strict`` a selected variable that is missing in the
-    checkpoint or mismatched is an error listing every such variable, and nothing is
-    assigned.
+    TF2 checkpoints and SavedModels are matched by path under ``model/`` (Keras layers by
+    name, see above); a TF1 name-based checkpoint (``tf.compat.v1.train.Saver``) and a
+    SavedModel that lists its variables flat (``model.export()``) by variable name, which
+    ``rename`` can map. With ``strict`` every selected variable of the model must be filled,
+    checked by count over all of the model's variables: anything missing, mismatched or
+    unreachable is one error listing each, and nothing is assigned.
     """
-    prefix = resolve_source(path, which)
-    if has_object_graph(prefix):
-        variables = model_variable_paths(model)
+    if is_keras_file(path):
+        if not tf.io.gfile.exists(path):
+            raise CheckpointNotFoundError(f"{path!r}: nothing exists at that path")
+        keras_file = _KerasFile(path)
+        prefix, source, read = path, keras_file.entries(), keras_file.read
+        log.info("%s is a Keras weights file: matching layers by the names it records", path)
+        target, variables = _target(model, False, keras_layer_aliases(model))
     else:
-        variables = {}
-        for v in model_variable_paths(model).values():
-            name = variable_name(v)
-            if name in variables:
-                raise CheckpointMismatchError(
-                    f"{prefix} is a name-based (TF1) checkpoint, matched by variable name, but "
-                    f"several variables of the model are named {name!r}; give them unique names")
-            variables[name] = v
-        log.info("%s is a name-based (TF1) checkpoint: matching variables by name", prefix)
-    target = {p: (tf.TensorShape(v.shape), tf.as_dtype(v.dtype)) for p, v in variables.items()}
-    report, matches = plan_restore(checkpoint_specs(prefix), target, include=include,
-                                   exclude=exclude, rename=rename, source_name=prefix)
-    if strict and (report.missing_in_checkpoint or report.mismatched):
+        prefix = resolve_source(path, which)
+        source = checkpoint_specs(prefix)
+        read = tf.train.load_checkpoint(prefix).get_tensor
+        names_only = by_variable_name(source)
+        if names_only:
+            log.info("%s is matched by variable name (%s)", prefix,
+                     "a name-based TF1 checkpoint" if not has_object_graph(prefix)
+                     else "a SavedModel that lists its variables without structure")
+        target, variables = _target(model, names_only)
+    report, matches = plan_restore(source, target, include=include, exclude=exclude,
+                                   rename=rename, source_name=prefix)
+    hidden = unreachable_variables(model)
+    if strict and (report.missing_in_checkpoint or report.mismatched or hidden):
         problems = [f"{p}: missing in checkpoint" for p in report.missing_in_checkpoint]
         problems += [f"{p}: {why}" for p, why in report.mismatched]
+        problems += [f"{n}: not reachable through the model's attributes, so no checkpoint "
+                     "holds it by path" for n in hidden]
+        hints = nearest_hints(report)
         raise CheckpointMismatchError(
             f"warm start from {prefix} (checkpoint.init_from.strict=true) cannot restore "
             f"{len(problems)} selected variable(s):\n  " + "\n  ".join(problems)
+            + ("\n  " + "\n  ".join(hints) if hints else "")
             + "\nExclude them with checkpoint.init_from.exclude, map them with "
             "checkpoint.init_from.rename, or set checkpoint.init_from.strict=false.")
-    reader = tf.train.load_checkpoint(prefix)
+    if strict:
+        _check_filled(model, variables, report)
     for p, key in matches.items():
-        variables[p].assign(reader.get_tensor(key))
+        variables[p].assign(read(key))
     for line in report.lines():
         log.info(line)
-    if report.mismatched or report.missing_in_checkpoint:
-        log.warning("warm start left %d selected variable(s) freshly initialised",
-                    len(report.mismatched) + len(report.missing_in_checkpoint))
+    if report.mismatched or report.missing_in_checkpoint or hidden:
+        log.warning("warm start left %d selected variable(s) freshly initialised%s",
+                    len(report.mismatched) + len(report.missing_in_checkpoint) + len(hidden),
+                    f" ({len(hidden)} not reachable by path: {', '.join(hidden)})" if hidden else "")
     return report
+
+
+def _check_filled(model, variables: Mapping[str, object], report: RestoreReport) -> None:
+    """Strict, by count: every variable of the model is restored or skipped by selection."""
+    every = {id(v): v for v in (*getattr(model, "variables", ()), *variables.values())}
+    accounted = {id(variables[p]) for p in (*report.restored, *report.skipped_by_selection)}
+    left = [variable_name(v) for i, v in every.items() if i not in accounted]
+    if left:
+        raise CheckpointMismatchError(
+            f"warm start from {report.source}: {len(report.restored)} restored and "
+            f"{len(report.skipped_by_selection)} skipped of the model's {len(every)} variables; "
+            f"not filled: {', '.join(left)}")
 
 
 def restore_optimizer(optimizer, prefix: str) -> None:
@@ -320,6 +711,10 @@ def restore_optimizer(optimizer, prefix: str) -> None:
     anything else is an error naming the checkpoint. The learning rate stays the one this
     run configured (a fine-tune usually sets its own).
     """
+    if is_keras_file(prefix):
+        raise CheckpointMismatchError(
+            f"checkpoint.init_from.optimizer=true, but {prefix} is a Keras weights file, which "
+            "holds no optimizer state; set checkpoint.init_from.optimizer=false")
     lr = getattr(optimizer, "_learning_rate", None)
     configured_lr = lr.numpy() if hasattr(lr, "assign") and hasattr(lr, "numpy") else None
     try:

@@ -84,8 +84,8 @@ def test_transfer_example_pretrains_and_fine_tunes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     out = proc.stdout
     assert "pretrained on [0, 1, 2, 3, 4]" in out and "fine-tuned on [5, 6, 7, 8, 9]" in out
-    assert "restored: model/backbone/0/_kernel, model/backbone/0/bias" in out
-    assert "skipped by selection (kept fresh): model/head/_kernel, model/head/bias" in out
+    assert "restored: model/backbone/0/bias, model/backbone/0/kernel" in out
+    assert "skipped by selection (kept fresh): model/head/bias, model/head/kernel" in out
     assert (tmp_path / "runs" / "transfer-finetune" / "export" / "1" / "saved_model.pb").exists()
 
 

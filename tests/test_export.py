@@ -81,7 +81,7 @@ def test_export_from_best_holds_every_layer_of_the_best_step(toy_cfg):
     exported_paths = checkpoint_variable_paths(exported)
     assert set(exported_paths) == {p for p in checkpoint_variable_paths(best) if p.startswith("model/")}
     for block in (0, 1):
-        path = f"model/blocks/{block}/_kernel"  # the export keeps the checkpoint's paths
+        path = f"model/blocks/{block}/kernel"  # the export keeps the checkpoint's paths
         want = tf.train.load_checkpoint(best).get_tensor(checkpoint_variable_paths(best)[path])
         stale = tf.train.load_checkpoint(last).get_tensor(checkpoint_variable_paths(last)[path])
         assert not np.array_equal(want, stale)

@@ -198,8 +198,8 @@ def test_warm_start_reaches_keras_layers_held_in_a_list(tmp_path):
         "checkpoint.init_from.exclude": ["model/head/*", "model/drop/*"],
     }))
     report = target.fit().warm_start
-    assert report.restored == ["model/blocks/0/_kernel", "model/blocks/0/bias",
-                               "model/blocks/1/_kernel", "model/blocks/1/bias"]
+    assert report.restored == ["model/blocks/0/bias", "model/blocks/0/kernel",
+                               "model/blocks/1/bias", "model/blocks/1/kernel"]
     for a, b in zip(target.model.blocks, source.model.blocks):
         np.testing.assert_array_equal(a.kernel.numpy(), b.kernel.numpy())
 

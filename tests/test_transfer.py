@@ -131,8 +131,9 @@ def test_cli_inspect_and_diff(tmp_path, capsys):
 @pytest.mark.parametrize("name, says", [
     ("ckpt-10.index", "pass the checkpoint's prefix, '{d}/ckpt-10'"),
     ("ckpt-10.data-00000-of-00001", "pass the checkpoint's prefix, '{d}/ckpt-10'"),
-    ("model.weights.h5", "Keras HDF5 weights file"),
-    ("model.keras", "Keras model archive"),
+    ("model.h5", "Keras HDF5 weights file"),
+    ("model.weights.h5", "is not a Keras weights file (HDF5)"),
+    ("model.keras", "is not a .keras archive (not a zip file"),
     ("nowhere", "nothing exists at that path"),
 ])
 def test_files_given_for_a_checkpoint_say_what_to_pass_instead(tmp_path, name, says):
@@ -143,3 +144,22 @@ def test_files_given_for_a_checkpoint_say_what_to_pass_instead(tmp_path, name, s
     with pytest.raises(ckptkit.CheckpointNotFoundError) as err:
         ckptkit.restore_partial(KerasNet(), str(path))
     assert says.format(d=tmp_path) in str(err.value)
+
+
+def test_strict_error_names_the_nearest_checkpoint_names_and_the_rename(tmp_path):
+    """A TF1 checkpoint whose names carry another generated model name (keras_net_3/...):
+    the error shows what the checkpoint holds for each missing variable, and the rename."""
+    model = KerasNet(hidden=8, classes=3)
+    model(tf.zeros([1, 4]))
+    names = sorted(transfer.variable_name(v) for v in model.variables)
+    top = names[0].split("/")[0]
+    arrays = {"old_net/" + n.split("/", 1)[1]: v.numpy() for n, v in
+              sorted((transfer.variable_name(v), v) for v in model.variables)}
+    path = _write_tf1_checkpoint(str(tmp_path / "tf1" / "model.ckpt"), arrays)
+    with pytest.raises(ckptkit.CheckpointMismatchError) as err:
+        ckptkit.restore_partial(model, path)
+    message = str(err.value)
+    assert f"{names[0]}: nearest in checkpoint: old_net/{names[0].split('/', 1)[1]}" in message
+    assert f"checkpoint.init_from.rename='{{old_net/: {top}/}}' would map {len(names)} of them" in message
+    report = ckptkit.restore_partial(model, path, rename={"old_net/": top + "/"})
+    assert sorted(report.restored) == names
