@@ -11,6 +11,7 @@ from ckptkit.errors import (
     ConfigError,
     DataPipelineError,
     ExportError,
+    NonFiniteError,
 )
 from ckptkit.policies import CheckpointInfo
 from ckptkit.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
@@ -36,6 +37,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
     "ExportError",
+    "NonFiniteError",
     "Preempted",
     "FitResult",
     "RestoreReport",

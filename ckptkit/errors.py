@@ -4,12 +4,18 @@ Every error names the file, config key or variable it is about and says what to 
 user who sees only the last line of a log can act on it. Each class also derives from the
 built-in exception that fits (``ValueError`` for bad input, ``OSError`` for storage), so
 callers that catch the built-ins keep working.
+
+Every class is also one of Hydra's compact exceptions: under ``@hydra.main`` the user sees
+the message alone, no traceback, and exit status 1; ``HYDRA_FULL_ERROR=1`` shows the
+traceback.
 """
 
 from __future__ import annotations
 
+from hydra.errors import CompactHydraException
 
-class CkptkitError(Exception):
+
+class CkptkitError(CompactHydraException):
     """Base class of every error ckptkit raises on purpose."""
 
 
@@ -39,6 +45,10 @@ class CheckpointSaveError(CkptkitError, OSError):
 
 class ExportError(CkptkitError, RuntimeError):
     """Exporting or verifying a SavedModel failed."""
+
+
+class NonFiniteError(CkptkitError, FloatingPointError):
+    """A loss, metric or variable became NaN or infinite; nothing was saved after it."""
 
 
 class DataPipelineError(CkptkitError, ValueError):

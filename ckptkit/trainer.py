@@ -23,17 +23,19 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from ckptkit import distribute, storage
+from ckptkit import distribute, metadata, storage
 from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
 from ckptkit.config import RunConfig, load_config
 from ckptkit.errors import (
     CheckpointMismatchError,
+    CheckpointNotFoundError,
     CheckpointSaveError,
     ConfigError,
     DataPipelineError,
     ExportError,
+    NonFiniteError,
 )
 from ckptkit.policies import (
     AnySave,
@@ -56,7 +58,8 @@ from ckptkit.runlock import RunLock, claim_checkpoint_dir
 from ckptkit.state import TrainState
 from ckptkit.iterator_state import peek
 from ckptkit.summaries import NoSummaries, SummaryWriters, flat_hparams
-from ckptkit.transfer import RestoreReport, restore_optimizer, restore_partial, unreachable_variables
+from ckptkit.transfer import (RestoreReport, is_keras_file, resolve_source, restore_optimizer, restore_partial,
+                              unreachable_variables)
 
 log = logging.getLogger("ckptkit")
 
@@ -390,7 +393,31 @@ class Trainer:
         self._watch.chain()
         raise stop
 
+    def _precheck(self) -> None:
+        """What can be refused before building and tracing (which take most of a launch):
+        a resumable checkpoint past ``trainer.max_steps``, and a warm-start source that is
+        not there."""
+        c, max_steps = self.settings.checkpoint, self.settings.trainer.max_steps
+        found = metadata.scan(c.dir) if c.resume != "never" and tf.io.gfile.isdir(c.dir) else []
+        if found and found[-1].step > max_steps:
+            try:
+                tf.train.load_checkpoint(found[-1].path)  # readable: resume would take it
+            except (tf.errors.OpError, ValueError):
+                return  # resume falls back to an older one: let it decide
+            raise ConfigError("trainer.max_steps",
+                              f"is {max_steps}, below step {found[-1].step} that the run would "
+                              f"resume from ({found[-1].path}); raise it, or set "
+                              "checkpoint.resume=never to start over")
+        if c.init_from.path and not found:
+            path = c.init_from.path
+            if is_keras_file(path):
+                if not tf.io.gfile.exists(path):
+                    raise CheckpointNotFoundError(f"checkpoint.init_from.path={path}: nothing exists there")
+            else:
+                resolve_source(path, c.init_from.which)
+
     def _fit(self) -> FitResult:
+        self._precheck()
         self.build()
         s = self.settings
         if self.is_chief:
@@ -576,7 +603,7 @@ class Trainer:
                 train_metrics = loop_lib.to_python(out)
                 # (with several workers, only where all of them check: all raise together)
                 if (log_due or save_due or not coordinated) and not loop_lib.all_finite(train_metrics):
-                    raise FloatingPointError(
+                    raise NonFiniteError(
                         f"non-finite train metrics at step {step}: {_fmt(train_metrics)}; "
                         f"nothing was saved after it. {self._last_good()}")
                 self._progress.update(step, train_metrics,
@@ -614,7 +641,7 @@ class Trainer:
         a poisoned checkpoint would be resumed from for ever."""
         bad = self._finite()
         if bad:
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"non-finite values at step {step} in {len(bad)} variable(s): "
                 f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; nothing was saved at step "
                 f"{step}. {self._last_good()}")

@@ -124,3 +124,17 @@ def test_the_slurm_launcher_config_composes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "SlurmLauncher" in proc.stdout and "signal_delay_s: 180" in proc.stdout
     assert not os.listdir(tmp_path)  # composing writes nothing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, says", [
+    ("trainer.max_steps=-5", "config key `trainer.max_steps`"),
+    ("checkpoint.init_from.path={tmp}/nowhere", "nowhere"),
+])
+def test_ckptkit_errors_are_one_message_without_a_traceback(tmp_path, override, says):
+    """Under @hydra.main a ckptkit error prints its message, no traceback, exit status 1;
+    a missing warm-start source is refused before anything is built or traced."""
+    code, out = run_example(tmp_path, override.format(tmp=tmp_path))
+    assert code == 1, out[-3000:]
+    assert "Traceback" not in out and says.format(tmp=tmp_path) in out, out[-3000:]
+    assert "building" not in out.lower() and "training digits" not in out, out[-3000:]

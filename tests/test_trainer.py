@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import ckptkit
 
-from conftest import ToyTrainer, steps_on_disk, values
+from conftest import ToyTrainer, make_cfg, steps_on_disk, values
 
 
 
@@ -283,3 +283,11 @@ def test_tensorboard_after_a_resume_has_no_duplicate_or_out_of_order_steps(toy_c
     assert any(v.metadata.plugin_data.plugin_name == "hparams" for e in root for v in e.summary.value)
     train_tags = {v.tag for e in _events(logs / "train") for v in e.summary.value}
     assert "config" in train_tags and "steps_per_sec" in train_tags
+
+
+def test_max_steps_below_the_saved_step_is_refused_before_building(tmp_path):
+    ToyTrainer(make_cfg(tmp_path / "run", **{"trainer.max_steps": 20})).fit()
+    again = ToyTrainer(make_cfg(tmp_path / "run", **{"trainer.max_steps": 10}))
+    with pytest.raises(ckptkit.ConfigError, match="below step 20"):
+        again.fit()
+    assert again.model is None and again.checkpointer is None  # refused before build()
