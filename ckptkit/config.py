@@ -185,12 +185,16 @@ def group_schemas() -> Dict[str, Any]:
 
 
 def register_configs() -> None:
-    """Register ``<group>/schema`` for each owned group in Hydra's ConfigStore."""
+    """Register ``<group>/schema`` and ``<group>/default`` for each owned group in Hydra's
+    ConfigStore: a project outside this repository lists ``trainer: default`` (and so on)
+    in its defaults and gets every key with its default value, checked. A YAML file of the
+    same name in the project's own config directory comes first on Hydra's search path."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     for group, node in group_schemas().items():
         cs.store(group=group, name="schema", node=node, provider="ckptkit")
+        cs.store(group=group, name="default", node=node, provider="ckptkit")
 
 
 def _as_dictconfig(cfg: Union[Mapping[str, Any], DictConfig]) -> DictConfig:

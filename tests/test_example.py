@@ -138,3 +138,25 @@ def test_ckptkit_errors_are_one_message_without_a_traceback(tmp_path, override, 
     assert code == 1, out[-3000:]
     assert "Traceback" not in out and says.format(tmp=tmp_path) in out, out[-3000:]
     assert "building" not in out.lower() and "training digits" not in out, out[-3000:]
+
+
+def _readme_block(after: str, lang: str) -> str:
+    text = open(os.path.join(REPO, "README.md")).read()
+    start = text.index(f"```{lang}\n", text.index(after)) + len(lang) + 4
+    return text[start:text.index("```", start)]
+
+
+@pytest.mark.slow
+def test_your_own_project_from_the_readme_runs_outside_the_repository(tmp_path):
+    """The README's two files in an empty directory: ckptkit's groups come from the
+    installed package (ConfigStore), not from this repository's configs/."""
+    (tmp_path / "config.yaml").write_text(_readme_block("### Your own project", "yaml"))
+    (tmp_path / "train.py").write_text(_readme_block("`train.py`, next to it:", "python"))
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    proc = subprocess.run([sys.executable, "train.py", "export.verify=false"], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    run_dir = tmp_path / "runs" / "my-model"
+    assert steps_on_disk(run_dir / "checkpoints")[-1] == 300
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "export" / "1" / "saved_model.pb").exists()
+    assert not (tmp_path / "outputs").exists()
