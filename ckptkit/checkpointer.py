@@ -18,6 +18,7 @@ the best checkpoints, and its state file would keep listing files deleted outsid
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import logging
@@ -367,6 +368,24 @@ class Checkpointer:
             raise CheckpointSaveError(
                 f"saving checkpoint {pending.path} failed in the background: "
                 + (self._failure(pending.path, cause) if cause else "see the TensorFlow log above"))
+
+    def close(self) -> None:
+        """End TensorFlow's background save thread, after the save in flight.
+
+        TensorFlow keeps one thread (with an executor of its own) per async checkpoint for
+        the life of the process; a process that runs many trainings (a notebook, a sweep in
+        one process, the test suite) would keep them all. The Checkpointer stays usable: a
+        later async save starts a new thread. Errors of the save in flight are logged here,
+        never raised (close runs while another error may be on its way out)."""
+        impl = getattr(self._checkpoint, "_async_checkpointer_impl", None)
+        if impl is None:
+            return
+        try:
+            impl._join_async_save_thread()
+        except Exception as exc:  # noqa: BLE001 - reported by wait(); here only logged
+            log.warning("the background save ended with an error: %s", str(exc).splitlines()[0][:300])
+        atexit.unregister(impl._join_async_save_thread)
+        self._checkpoint._async_checkpointer_impl = None
 
     def drain_completed(self) -> List[CheckpointInfo]:
         """The saves completed since the last call (for logging them from the main thread)."""

@@ -289,6 +289,7 @@ class Trainer:
             storage.rename(c.dir, moved)
             log.warning("checkpoint.resume=never: moved the existing checkpoints aside to %s "
                         "(nothing deleted); starting fresh", moved)
+            self.checkpointer.close()
             self.checkpointer = None
             self.build()
             if self.is_chief:  # the lock and owner record moved with them
@@ -350,19 +351,20 @@ class Trainer:
         if self._watch is None:
             self._watch = PreemptionWatch()
         with self._watch:
-            if not self.is_chief:
-                return self._fit()
             self._locks = []
             try:
-                try:
-                    lease = self.settings.checkpoint.lock_lease_seconds
-                    self._locks.append(RunLock(self.run_dir, lease_seconds=lease).acquire())
-                except OSError as exc:  # read-only, not a directory, no permission
-                    raise CheckpointSaveError(
-                        f"cannot write to the run directory {self.run_dir}: {exc}") from exc
-                self._lock_checkpoint_dir()
+                if self.is_chief:
+                    try:
+                        lease = self.settings.checkpoint.lock_lease_seconds
+                        self._locks.append(RunLock(self.run_dir, lease_seconds=lease).acquire())
+                    except OSError as exc:  # read-only, not a directory, no permission
+                        raise CheckpointSaveError(
+                            f"cannot write to the run directory {self.run_dir}: {exc}") from exc
+                    self._lock_checkpoint_dir()
                 return self._fit()
             finally:
+                if self.checkpointer is not None:  # its background thread ends with the run
+                    self.checkpointer.close()
                 for lock in reversed(self._locks):
                     lock.release()
 

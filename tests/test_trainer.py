@@ -1,6 +1,7 @@
 """The Trainer end to end on a toy model: resume, retention, warm start, errors."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -291,3 +292,13 @@ def test_max_steps_below_the_saved_step_is_refused_before_building(tmp_path):
     with pytest.raises(ckptkit.ConfigError, match="below step 20"):
         again.fit()
     assert again.model is None and again.checkpointer is None  # refused before build()
+
+
+def test_fit_leaves_no_thread_behind(tmp_path):
+    """TensorFlow keeps an async checkpoint's save thread (and its executor) for the life
+    of the process; after fit() none of ckptkit's or TensorFlow's save threads is left."""
+    before = set(threading.enumerate())
+    for name in ("a", "b"):
+        ToyTrainer(make_cfg(tmp_path / name, **{"trainer.max_steps": 10, "checkpoint.save_every_steps": 5})).fit()
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not left, left
