@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -295,13 +297,20 @@ def load_config(cfg: Union[Mapping[str, Any], DictConfig]) -> tuple[RunConfig, D
     The full config keeps the user's groups; it is what hooks see as ``self.cfg``.
     """
     full = merge_with_schema(cfg)
+    launched_in = _launch_dir()
     try:
         job_dir = sweep_job_dir()
         if job_dir:  # the base is resolved first: checkpoint.dir etc. follow the job's run_dir
             full.run_dir = f"{str(full.run_dir).rstrip('/')}/{job_dir}"
+        if launched_in:
+            full.run_dir = _from(launched_in, str(full.run_dir))
         OmegaConf.resolve(full)
     except OmegaConfBaseException as exc:
         raise _config_error(exc) from None
+    if launched_in:  # paths given relative are relative to where the command was typed
+        full.checkpoint.dir = _from(launched_in, str(full.checkpoint.dir))
+        full.export.dir = _from(launched_in, str(full.export.dir))
+    _warn_if_hydra_writes_elsewhere(str(full.run_dir))
     export = OmegaConf.to_container(full.export, enum_to_str=True)
     export["from_"] = export.pop("from")
     run = RunConfig(
@@ -315,6 +324,41 @@ def load_config(cfg: Union[Mapping[str, Any], DictConfig]) -> tuple[RunConfig, D
     for group in ("trainer", "checkpoint", "export", "strategy"):  # enums as strings for the user's code too
         full[group] = OmegaConf.create(OmegaConf.to_container(full[group], enum_to_str=True))
     return validate(run), full
+
+
+def _launch_dir() -> Optional[str]:
+    """Where the command was launched, if Hydra has since changed the working directory
+    (``hydra.job.chdir=true``); else None. A relative ``run_dir`` means the same run from
+    the same launch directory, whatever Hydra does with the working directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    original = HydraConfig.get().runtime.cwd
+    return original if original and os.path.abspath(original) != os.path.abspath(os.getcwd()) else None
+
+
+def _from(base: str, path: str) -> str:
+    return path if "://" in path or os.path.isabs(path) else os.path.join(base, path)
+
+
+def _warn_if_hydra_writes_elsewhere(run_dir: str) -> None:
+    """Hydra's own files of a run (``.hydra/config.yaml``, the job log) belong in the run
+    directory; say so once when Hydra's output directory is another one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or "://" in run_dir:
+        return
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.RUN or not hc.runtime.output_dir:
+        return
+    base = hc.runtime.cwd or os.getcwd()
+    if os.path.realpath(os.path.join(base, run_dir)) != os.path.realpath(hc.runtime.output_dir):
+        logging.getLogger("ckptkit").warning(
+            "Hydra writes its own files of this run (.hydra/config.yaml, the job log) to %s, not "
+            "to the run directory %s; put `hydra: {run: {dir: ${run_dir}}}` in your config to keep "
+            "them together", hc.runtime.output_dir, run_dir)
 
 
 def sweep_job_dir() -> Optional[str]:

@@ -160,3 +160,17 @@ def test_your_own_project_from_the_readme_runs_outside_the_repository(tmp_path):
     assert steps_on_disk(run_dir / "checkpoints")[-1] == 300
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "export" / "1" / "saved_model.pb").exists()
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_hydra_job_chdir_keeps_the_run_where_it_was_launched(tmp_path):
+    """With hydra.job.chdir=true Hydra moves the working directory to its output directory;
+    a relative run_dir still means <launch dir>/runs/digits, so the same command resumes.
+    Hydra's output directory elsewhere than the run directory is warned about."""
+    code, out = run_example(tmp_path, "hydra.job.chdir=true", "hydra.run.dir=hydra-out",
+                            "trainer.max_steps=50", "trainer.eval_every_steps=50",
+                            "checkpoint.save_every_steps=50", "export.enabled=false")
+    assert code == 0, out[-3000:]
+    assert steps_on_disk(tmp_path / "runs" / "digits" / "checkpoints") == [50]
+    assert not (tmp_path / "hydra-out" / "runs").exists()
+    assert "Hydra writes its own files of this run" in out and "hydra-out" in out
