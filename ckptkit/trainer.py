@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from ckptkit import distribute, metadata, storage
+from ckptkit import distribute, launch_record, metadata, storage
 from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
@@ -344,7 +344,30 @@ class Trainer:
         holds the lock and writes the run's files (checkpoints, metadata, logs, export).
         """
         _ensure_logging()
-        self.distribution = distribute.create(self.settings.strategy)
+        # Until this launch is accepted (lock taken, checks passed), nothing it logs reaches
+        # the log files in the run directory, and a refusal puts back Hydra's record of the
+        # run (.hydra/config.yaml) as the last accepted launch wrote it.
+        self._held_logs = launch_record.HeldLogs(self.run_dir)
+        self._accepted = False
+        try:
+            self.distribution = distribute.create(self.settings.strategy)
+            return self._fit_watched()
+        except BaseException:
+            if not self._accepted and self.is_chief:
+                launch_record.restore(self.run_dir)
+            raise
+        finally:
+            self._held_logs.release()
+
+    def _accept_launch(self) -> None:
+        """This launch trains (or finishes) the run: it becomes the run's record."""
+        if self.is_chief:
+            write_run_record(self.run_dir, type(self), self.cfg)
+            launch_record.keep(self.run_dir)
+        self._accepted = True
+        self._held_logs.accept()
+
+    def _fit_watched(self) -> FitResult:
         # Signals are watched over all of fit(): one arriving while building, tracing,
         # restoring, evaluating, waiting for the last save or exporting still ends in a
         # durable checkpoint and a clear exit, never in the default action.
@@ -434,8 +457,7 @@ class Trainer:
                               f"is {s.trainer.max_steps}, below step {step_now} that the run "
                               f"resumed from ({self.checkpointer.directory}); raise it, or set "
                               "checkpoint.resume=never to start over")
-        if self.is_chief:
-            write_run_record(self.run_dir, type(self), self.cfg)
+        self._accept_launch()
         eval_ds = self.eval_dataset()
         if s.checkpoint.best.metric and eval_ds is None:
             raise ConfigError("checkpoint.best.metric",

@@ -174,3 +174,30 @@ def test_hydra_job_chdir_keeps_the_run_where_it_was_launched(tmp_path):
     assert steps_on_disk(tmp_path / "runs" / "digits" / "checkpoints") == [50]
     assert not (tmp_path / "hydra-out" / "runs").exists()
     assert "Hydra writes its own files of this run" in out and "hydra-out" in out
+
+
+@pytest.mark.slow
+def test_refused_launches_leave_the_runs_record_and_log_alone(tmp_path):
+    """Hydra writes .hydra/config.yaml and opens the job log before the script runs; a launch
+    ckptkit refuses (locked by a live launch; max_steps below the step on disk) must leave
+    both as the accepted launch wrote them."""
+    from ckptkit.runlock import RunLock
+
+    base = ["trainer.eval_every_steps=50", "checkpoint.save_every_steps=50", "export.enabled=false"]
+    code, out = run_example(tmp_path, "trainer.max_steps=50", *base)
+    assert code == 0, out[-3000:]
+    run_dir = tmp_path / "runs" / "digits"
+    record = (run_dir / ".hydra" / "config.yaml").read_text()
+    log_file = run_dir / "digits.log"
+    logged = log_file.read_text()
+    assert "max_steps: 50" in record and "training digits from step 0 to 50" in logged
+    lock = RunLock(str(run_dir)).acquire()  # a live launch holds the run
+    try:
+        code, out = run_example(tmp_path, "trainer.max_steps=70", *base)
+    finally:
+        lock.release()
+    assert code == 1 and "Traceback" not in out, out[-3000:]
+    code, out = run_example(tmp_path, "trainer.max_steps=20", *base)
+    assert code == 1 and "below step 50" in out, out[-3000:]
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == record
+    assert log_file.read_text() == logged
