@@ -72,12 +72,18 @@ EXPORT_FROM = tuple(m.value for m in ExportFrom)
 STRATEGY_KINDS = tuple(m.value for m in StrategyKind)
 
 
+# Step counts are typed Any in the schemas so that `trainer.max_steps=1e4` (a float to
+# Hydra's parser) is taken: `validate` accepts whole numbers only and makes them ints.
+STEP_KEYS = (("trainer", "max_steps"), ("trainer", "steps_per_loop"), ("trainer", "eval_every_steps"),
+             ("trainer", "log_every_steps"), ("checkpoint", "save_every_steps"))
+
+
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
-    steps_per_loop: int = 100
-    eval_every_steps: Optional[int] = 1000
-    log_every_steps: int = 100
+    max_steps: Any = 1000
+    steps_per_loop: Any = 100
+    eval_every_steps: Any = 1000
+    log_every_steps: Any = 100
     seed: int = 0
     deterministic: bool = False
     progress: ProgressMode = ProgressMode.auto
@@ -106,7 +112,7 @@ class CheckpointConfig:
     dir: str = "${run_dir}/checkpoints"
     max_to_keep: Optional[int] = 3
     keep_every_n_hours: Optional[float] = None
-    save_every_steps: Optional[int] = 1000
+    save_every_steps: Any = 1000
     save_every_seconds: Optional[float] = None
     save_at_steps: List[int] = field(default_factory=list)
     best: BestConfig = field(default_factory=BestConfig)
@@ -288,6 +294,10 @@ def validate(run: RunConfig) -> RunConfig:
         raise ConfigError("run_dir", "must not be empty")
     if not c.dir:
         raise ConfigError("checkpoint.dir", "must not be empty")
+    for group, key in STEP_KEYS:
+        value = getattr(getattr(run, group), key)
+        if isinstance(value, float):
+            setattr(getattr(run, group), key, int(value))
     return run
 
 
@@ -323,7 +333,10 @@ def load_config(cfg: Union[Mapping[str, Any], DictConfig]) -> tuple[RunConfig, D
     )
     for group in ("trainer", "checkpoint", "export", "strategy"):  # enums as strings for the user's code too
         full[group] = OmegaConf.create(OmegaConf.to_container(full[group], enum_to_str=True))
-    return validate(run), full
+    run = validate(run)
+    for group, key in STEP_KEYS:  # the user's code sees the same whole numbers
+        full[group][key] = getattr(getattr(run, group), key)
+    return run, full
 
 
 def _launch_dir() -> Optional[str]:

@@ -424,11 +424,10 @@ class Trainer:
         not there."""
         c, max_steps = self.settings.checkpoint, self.settings.trainer.max_steps
         found = metadata.scan(c.dir) if c.resume != "never" and tf.io.gfile.isdir(c.dir) else []
-        if found and found[-1].step > max_steps:
-            try:
-                tf.train.load_checkpoint(found[-1].path)  # readable: resume would take it
-            except (tf.errors.OpError, ValueError):
-                return  # resume falls back to an older one: let it decide
+        # Resume takes the newest readable checkpoint, falling back to older ones; refused
+        # here only when every one of them is past max_steps (readability is known only by
+        # reading every tensor, which is what resume does).
+        if found and found[0].step > max_steps:
             raise ConfigError("trainer.max_steps",
                               f"is {max_steps}, below step {found[-1].step} that the run would "
                               f"resume from ({found[-1].path}); raise it, or set "
