@@ -1,6 +1,12 @@
-"""ckptkit: checkpoint-first training loops for TensorFlow 2, driven by Hydra configs."""
+"""ckptkit: checkpoint-first training loops for TensorFlow 2, driven by Hydra configs.
 
-from ckptkit.checkpointer import Checkpointer
+Importing ``ckptkit`` does not import TensorFlow (seconds): ``ckptkit --help`` and
+``ckptkit ls`` answer at once. The names below that need TensorFlow (``Trainer``,
+``Checkpointer``, ``restore_partial``, ...) import it on first use.
+"""
+
+import importlib
+
 from ckptkit.config import register_configs
 from ckptkit.errors import (
     CheckpointMismatchError,
@@ -13,13 +19,36 @@ from ckptkit.errors import (
     ExportError,
     NonFiniteError,
 )
-from ckptkit.policies import CheckpointInfo
-from ckptkit.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
-from ckptkit.runlock import CheckpointDirOwnedError, RunLockedError
-from ckptkit.trainer import FitResult, Trainer
-from ckptkit.transfer import RestoreReport, restore_partial
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it, imported when the name is first used (PEP 562)
+_LAZY = {
+    "Checkpointer": "ckptkit.checkpointer",
+    "CheckpointInfo": "ckptkit.policies",
+    "EXIT_INTERRUPTED": "ckptkit.preemption",
+    "EXIT_PREEMPTED": "ckptkit.preemption",
+    "Preempted": "ckptkit.preemption",
+    "CheckpointDirOwnedError": "ckptkit.runlock",
+    "RunLockedError": "ckptkit.runlock",
+    "FitResult": "ckptkit.trainer",
+    "Trainer": "ckptkit.trainer",
+    "RestoreReport": "ckptkit.transfer",
+    "restore_partial": "ckptkit.transfer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ckptkit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
 
 register_configs()
 

@@ -38,15 +38,13 @@ def _human(n: Optional[int]) -> str:
 
 def checkpoint_dir_of(path: str) -> str:
     """The checkpoint directory for a run directory or a checkpoint directory."""
-    import tensorflow as tf
+    from ckptkit import gfile, metadata
 
-    from ckptkit import metadata
-
-    if not tf.io.gfile.isdir(path):
+    if not gfile.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
     candidates = [os.path.join(path, "checkpoints"), path]
     for d in candidates:
-        if tf.io.gfile.isdir(d) and (metadata.scan(d) or tf.io.gfile.exists(os.path.join(d, metadata.METADATA_FILE))):
+        if gfile.isdir(d) and (metadata.scan(d) or gfile.exists(os.path.join(d, metadata.METADATA_FILE))):
             return d
     raise FileNotFoundError(f"no checkpoints in {path} (looked for ckpt-*.index in {' and '.join(candidates)})")
 

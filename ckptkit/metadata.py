@@ -22,9 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-import tensorflow as tf
-
-from ckptkit import storage
+from ckptkit import gfile, storage
 from ckptkit.policies import CheckpointInfo
 from ckptkit.runlock import OWNER_FILE
 
@@ -86,7 +84,7 @@ def names_in_the_way(directory: str, step: int) -> List[str]:
 
 
 def files_size(prefix: str) -> int:
-    return sum(tf.io.gfile.stat(f).length for f in checkpoint_files(prefix))
+    return sum(gfile.stat(f).length for f in checkpoint_files(prefix))
 
 
 def fsync_checkpoint(prefix: str) -> None:
@@ -169,14 +167,14 @@ def read_document(directory: str) -> dict:
     Every entry's fields are checked (see :func:`read_entries`); ``best`` holds only steps.
     """
     path = os.path.join(directory, METADATA_FILE)
-    if not tf.io.gfile.exists(path):
+    if not gfile.exists(path):
         return {}
     try:
-        with tf.io.gfile.GFile(path, "r") as f:
+        with gfile.open_file(path, "r") as f:
             doc = json.load(f)
         if not isinstance(doc, dict) or not isinstance(doc.get("checkpoints"), list):
             raise ValueError("no list of checkpoints")
-    except (ValueError, UnicodeDecodeError, tf.errors.OpError) as exc:
+    except (ValueError, UnicodeDecodeError, *gfile.errors()) as exc:
         log.warning("ignoring unreadable checkpoint metadata %s (%s); metrics of existing "
                     "checkpoints are unknown until they are saved again", path, exc)
         return {}
@@ -220,7 +218,7 @@ def scan(directory: str, *, doc: Optional[dict] = None) -> List[CheckpointInfo]:
     with unknown metrics and its file time. Sizes are what is on disk. The directory is
     listed once and each file stat'ed once: linear in the number of files.
     """
-    if not tf.io.gfile.isdir(directory):
+    if not gfile.isdir(directory):
         return []
     meta = read_entries(directory, doc)
     names = storage.listdir(directory)
@@ -251,8 +249,8 @@ def scan(directory: str, *, doc: Optional[dict] = None) -> List[CheckpointInfo]:
             size = sum(st.st_size for st in stats)
             mtime = stats[paths.index(prefix + ".index")].st_mtime
         else:
-            size = sum(tf.io.gfile.stat(p).length for p in paths)
-            mtime = tf.io.gfile.stat(prefix + ".index").mtime_nsec / 1e9
+            size = sum(gfile.stat(p).length for p in paths)
+            mtime = gfile.stat(prefix + ".index").mtime
         entry = meta.get(step) or _Entry(step=step)
         found.append(CheckpointInfo(
             step=step,

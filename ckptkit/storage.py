@@ -25,12 +25,18 @@ import shutil
 import stat
 from typing import List, Optional, Sequence
 
-import tensorflow as tf
+from ckptkit import gfile
 
 log = logging.getLogger("ckptkit")
 
 #: Marks every temporary name ckptkit creates: ``<final name>.tmp-<random hex>``.
 TMP_MARK = ".tmp-"
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
 
 
 def is_local(path: str) -> bool:
@@ -45,8 +51,8 @@ def temporary_name(path: str) -> str:
 def listdir(directory: str) -> List[str]:
     """The names in ``directory`` ([] when it does not exist)."""
     try:
-        return [n.rstrip("/") for n in tf.io.gfile.listdir(directory)]
-    except tf.errors.NotFoundError:
+        return gfile.listdir(directory)
+    except (*gfile.not_found(), NotADirectoryError):
         return []
 
 
@@ -60,14 +66,14 @@ def lstat(path: str) -> Optional[os.stat_result]:
 
 def is_real_file(path: str) -> bool:
     if not is_local(path):
-        return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+        return _tf().io.gfile.exists(path) and not _tf().io.gfile.isdir(path)
     st = lstat(path)
     return st is not None and stat.S_ISREG(st.st_mode)
 
 
 def is_real_dir(path: str) -> bool:
     if not is_local(path):
-        return tf.io.gfile.isdir(path)
+        return _tf().io.gfile.isdir(path)
     st = lstat(path)
     return st is not None and stat.S_ISDIR(st.st_mode)
 
@@ -90,9 +96,9 @@ def fsync_path(path: str) -> None:
 def write_new(path: str, data: bytes) -> None:
     """Create ``path`` (which must not exist, not even as a link) and write ``data``."""
     if not is_local(path):
-        if tf.io.gfile.exists(path):
+        if _tf().io.gfile.exists(path):
             raise FileExistsError(path)
-        with tf.io.gfile.GFile(path, "wb") as f:
+        with _tf().io.gfile.GFile(path, "wb") as f:
             f.write(data)
         return
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
@@ -110,7 +116,7 @@ def atomic_write_text(path: str, text: str) -> None:
     write_new(tmp, text.encode("utf-8"))
     try:
         fsync_path(tmp)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        _tf().io.gfile.rename(tmp, path, overwrite=True)
     except BaseException:
         remove_file(tmp)
         raise
@@ -123,7 +129,7 @@ def remove_file(path: str) -> bool:
         if is_link(path):
             log.warning("not deleting %s: it is a symbolic link, which ckptkit never made", path)
         return False
-    tf.io.gfile.remove(path)
+    _tf().io.gfile.remove(path)
     return True
 
 
@@ -138,8 +144,8 @@ def remove_tree(path: str) -> bool:
         shutil.rmtree(path)
         return True
     try:
-        tf.io.gfile.rmtree(path)
-    except tf.errors.NotFoundError:  # ram:// lists a directory whose files moved away
+        _tf().io.gfile.rmtree(path)
+    except gfile.not_found():  # ram:// lists a directory whose files moved away
         pass
     return True
 
@@ -149,9 +155,9 @@ def make_dir_exclusive(path: str) -> None:
     if is_local(path):
         os.mkdir(path, 0o755)
     else:
-        if tf.io.gfile.exists(path):
+        if _tf().io.gfile.exists(path):
             raise FileExistsError(path)
-        tf.io.gfile.makedirs(path)
+        _tf().io.gfile.makedirs(path)
 
 
 def move_aside(path: str, into: str) -> str:
@@ -162,9 +168,9 @@ def move_aside(path: str, into: str) -> str:
             raise FileExistsError(f"{into} exists and is not a directory ckptkit can move files into")
         os.makedirs(into, exist_ok=True)
     else:
-        tf.io.gfile.makedirs(into)
+        _tf().io.gfile.makedirs(into)
     target = os.path.join(into, os.path.basename(path))
-    if (os.path.lexists(target) if is_local(target) else tf.io.gfile.exists(target)):
+    if (os.path.lexists(target) if is_local(target) else _tf().io.gfile.exists(target)):
         target = f"{target}.{secrets.token_hex(4)}"
     rename(path, target)
     return target
@@ -175,9 +181,9 @@ def _files_under(top: str) -> List[str]:
     left out: ``ram://`` matches names by prefix and lists ``assets/.extra`` for a sibling
     ``assets.extra``."""
     out = []
-    for directory, _, names in tf.io.gfile.walk(top):
+    for directory, _, names in _tf().io.gfile.walk(top):
         rel = "" if directory.rstrip("/") == top.rstrip("/") else os.path.relpath(directory, top)
-        out += [os.path.join(rel, n) for n in names if tf.io.gfile.exists(os.path.join(directory, n))]
+        out += [os.path.join(rel, n) for n in names if _tf().io.gfile.exists(os.path.join(directory, n))]
     return out
 
 
@@ -188,8 +194,8 @@ def move_files(src: str, dst: str, last: Sequence[str] = ()) -> None:
     files = sorted(_files_under(src), key=lambda rel: (rel in last, last.index(rel) if rel in last else 0))
     for rel in files:
         target = os.path.join(dst, rel)
-        tf.io.gfile.makedirs(os.path.dirname(target))
-        tf.io.gfile.rename(os.path.join(src, rel), target, overwrite=False)
+        _tf().io.gfile.makedirs(os.path.dirname(target))
+        _tf().io.gfile.rename(os.path.join(src, rel), target, overwrite=False)
     left = _files_under(src)
     if left:
         raise OSError(f"moving {src} to {dst} left {len(left)} files behind ({left[0]}, ...)")
@@ -202,7 +208,7 @@ def rename(src: str, dst: str) -> None:
     (``ram://`` moves only the name, object stores copy object by object)."""
     if is_local(src):
         os.rename(src, dst)
-    elif tf.io.gfile.isdir(src):
+    elif _tf().io.gfile.isdir(src):
         move_files(src, dst)
     else:
-        tf.io.gfile.rename(src, dst)
+        _tf().io.gfile.rename(src, dst)

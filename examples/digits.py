@@ -1,11 +1,15 @@
 """Train a digits classifier with ckptkit: python examples/digits.py [KEY=VALUE ...]"""
 
-import hydra
-import numpy as np
-import tensorflow as tf
-from sklearn.datasets import load_digits
+import os
 
-import ckptkit
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: its C++ INFO lines
+
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+
+import ckptkit  # noqa: E402
 
 
 class Classifier(tf.keras.Model):

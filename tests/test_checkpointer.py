@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -308,3 +310,24 @@ def test_bookkeeping_points_only_at_complete_checkpoints(tmp_path, monkeypatch, 
     reader = tf.train.load_checkpoint(os.path.join(d, "ckpt-5"))
     key = [k for k in reader.get_variable_to_shape_map() if k.startswith("big/")][0]
     np.testing.assert_allclose(reader.get_tensor(key), big.numpy() - 1.0)
+
+
+def test_cli_help_and_ls_do_not_import_tensorflow(tmp_path):
+    """`ckptkit --help` and `ckptkit ls` answer at once: TensorFlow (seconds to import) is
+    imported only by commands that read tensors."""
+    ckpt = ckptkit.Checkpointer(str(tmp_path / "run" / "checkpoints"), v=tf.Variable(1.0), async_save=False)
+    ckpt.save(7, metrics={"loss": 0.5})
+    script = (
+        "import sys, contextlib, io\n"
+        "from ckptkit import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        "        cli.main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "code = cli.main(['ls', sys.argv[1]])\n"
+        "print('TF', 'tensorflow' in sys.modules, 'CODE', code)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True,
+                         text=True, timeout=120, cwd=str(tmp_path))
+    assert "TF False CODE 0" in out.stdout, out.stdout + out.stderr
+    assert "7 " in out.stdout and "loss=0.5" in out.stdout, out.stdout
