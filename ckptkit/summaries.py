@@ -17,6 +17,7 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import metadata as hp_metadata
 
 from ckptkit import storage
 
@@ -44,8 +45,14 @@ def _read_records(path: str):
     return records, None
 
 
-def truncate_events(directory: str, step: int) -> int:
-    """Drop events with a step after ``step`` from the event files in ``directory``.
+def _is_hparams(event) -> bool:
+    return any(v.metadata.plugin_data.plugin_name == hp_metadata.PLUGIN_NAME for v in event.summary.value)
+
+
+def truncate_events(directory: str, step: int, *, drop_hparams: bool = False) -> int:
+    """Drop events with a step after ``step`` from the event files in ``directory`` (and,
+    with ``drop_hparams``, every hyper-parameter record: TensorBoard shows the first it
+    reads, and a resumed or extended run writes its own).
 
     Returns how many events were dropped. Files are rewritten only when they change. A
     file that is torn or corrupt (a crash mid-write, a flipped bit) keeps the records
@@ -55,7 +62,8 @@ def truncate_events(directory: str, step: int) -> int:
     dropped = 0
     for path in _event_files(directory):
         records, damage = _read_records(path)
-        kept = [raw for raw, event in records if event.step <= step or event.HasField("file_version")]
+        kept = [raw for raw, event in records
+                if event.HasField("file_version") or (event.step <= step and not (drop_hparams and _is_hparams(event)))]
         removed = len(records) - len(kept)
         if damage:
             log.warning("TensorBoard event file %s is damaged (%s): keeping its %d readable "
@@ -110,7 +118,7 @@ class SummaryWriters:
             for path in _event_files(os.path.join(self.log_dir, phase)):
                 stamp = os.path.basename(path)[len(_EVENTS):].split(".")[0]
                 newest = max(newest, int(stamp) if stamp.isdigit() else 0)
-            dropped = truncate_events(os.path.join(self.log_dir, phase), step)
+            dropped = truncate_events(os.path.join(self.log_dir, phase), step, drop_hparams=not phase)
             if dropped:
                 log.info("TensorBoard %s: dropped %d event(s) after step %d, which the "
                          "resumed run logs again", os.path.join(self.log_dir, phase), dropped, step)
@@ -126,8 +134,10 @@ class SummaryWriters:
                 tf.summary.scalar(name, value)
 
     def run_info(self, step: int, config_yaml: str, hparams: Mapping[str, Any]) -> None:
-        """The config as text, and the hyper-parameters at the top of ``logs/`` where the
-        hparams plugin pairs them with the final ``train/`` and ``eval/`` metrics."""
+        """The config as text, and the hyper-parameters at the top of ``logs/``: an hparams
+        session whose metrics are the scalars of ``logs/train`` and ``logs/eval``. TensorBoard
+        pairs a session with the runs *below* it, so the hparams plugin shows the metrics
+        when its logdir is above ``logs/`` (``--logdir runs`` or ``runs/<name>``), not at it."""
         with self._writer("train").as_default(step=step):
             tf.summary.text("config", "```\n" + config_yaml + "\n```")
         with self._writer("").as_default(step=step):

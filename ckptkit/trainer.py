@@ -543,10 +543,10 @@ class Trainer:
 
     def _log_completed_saves(self) -> None:
         for info in self.checkpointer.drain_completed():
-            self._summaries.scalars("checkpoint", info.step, {
-                "save_seconds": info.save_seconds or 0.0,
-                "blocking_seconds": info.blocking_seconds or 0.0,
-                "size_mb": (info.size or 0) / 2**20,
+            self._summaries.scalars("checkpoint", info.step, {  # one "checkpoint" section of cards
+                "checkpoint/save_seconds": info.save_seconds or 0.0,
+                "checkpoint/blocking_seconds": info.blocking_seconds or 0.0,
+                "checkpoint/size_mb": (info.size or 0) / 2**20,
             })
             self._progress.saved(info.step)
 

@@ -259,6 +259,31 @@ def _events(directory):
     return out
 
 
+def _hparams_as_tensorboard_shows_them(run_dir, max_steps):
+    """Through TensorBoard's own reader and hparams logic, with --logdir at the run directory:
+    one session (logs/), whose metrics include eval accuracy and train loss, with the config
+    of the latest launch."""
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
+    from tensorboard.plugins.hparams import backend_context
+    from tensorboard.plugins.hparams import metadata as hp_metadata
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(run_dir))
+    mux.Reload()
+    content = mux.PluginRunToTagToContent(hp_metadata.PLUGIN_NAME)
+    sessions = {run for run, tags in content.items() if hp_metadata.SESSION_START_INFO_TAG in tags}
+    assert sessions == {"logs"}, content
+    for run, tag in (("logs/eval", "accuracy"), ("logs/train", "loss")):
+        assert backend_context._find_longest_parent_path(sessions, run) == "logs"
+        assert tag in mux.GetAccumulator(run).Tags()["tensors"]
+    info = hp_metadata.parse_session_start_info_plugin_data(
+        content["logs"][hp_metadata.SESSION_START_INFO_TAG])
+    assert info.hparams["trainer.max_steps"].number_value == max_steps
+    starts = [e for e in _events(run_dir / "logs") for v in e.summary.value
+              if v.metadata.plugin_data.plugin_name == "hparams"]
+    assert len(starts) == 1  # a resumed launch replaces the first launch's hyper-parameters
+
+
 def test_tensorboard_after_a_resume_has_no_duplicate_or_out_of_order_steps(toy_cfg, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -278,10 +303,9 @@ def test_tensorboard_after_a_resume_has_no_duplicate_or_out_of_order_steps(toy_c
         assert steps == [5, 10, 15, 20, 25, 30], (phase, steps)
     acc = EventAccumulator(str(logs / "checkpoint"), size_guidance={"tensors": 0})
     acc.Reload()
-    assert [e.step for e in acc.Tensors("save_seconds")] == [10, 20, 30]  # 25 was never saved
-    assert {"save_seconds", "blocking_seconds", "size_mb"} <= set(acc.Tags()["tensors"])
-    root = _events(logs)
-    assert any(v.metadata.plugin_data.plugin_name == "hparams" for e in root for v in e.summary.value)
+    assert [e.step for e in acc.Tensors("checkpoint/save_seconds")] == [10, 20, 30]  # 25 never saved
+    assert {f"checkpoint/{t}" for t in ("save_seconds", "blocking_seconds", "size_mb")} <= set(acc.Tags()["tensors"])
+    _hparams_as_tensorboard_shows_them(tmp_path / "run", max_steps=30)
     train_tags = {v.tag for e in _events(logs / "train") for v in e.summary.value}
     assert "config" in train_tags and "steps_per_sec" in train_tags
 
