@@ -10,6 +10,7 @@ import argparse
 import datetime
 import logging
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -55,10 +56,53 @@ def _table(rows) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
 
 
+def runs_under(parent: str, depth: int = 3) -> List[str]:
+    """Run directories (with a ``checkpoints/`` holding checkpoints) below ``parent``."""
+    from ckptkit import gfile, metadata
+
+    found, level = [], [parent]
+    for _ in range(depth):
+        below = []
+        for d in level:
+            for name in sorted(gfile.listdir(d)) if gfile.isdir(d) else []:
+                path = os.path.join(d, name)
+                if name.startswith(".") or not gfile.isdir(path):
+                    continue
+                if metadata.scan(os.path.join(path, "checkpoints")):
+                    found.append(path)
+                elif name not in ("checkpoints", "export", "logs"):
+                    below.append(path)
+        level = below
+    return found
+
+
+def _ls_runs(parent: str, runs: List[str]) -> int:
+    from ckptkit import metadata
+
+    rows = [("run", "checkpoints", "latest", "best")]
+    for run in runs:
+        d = os.path.join(run, "checkpoints")
+        ckpts, doc = metadata.scan(d), metadata.read_document(d)
+        best = [c for c in ckpts if c.step in (doc.get("best") or [])]
+        metric = doc.get("best_metric")
+        value = best[0].metrics.get(metric) if best and best[0].metrics and metric else None
+        rows.append((os.path.relpath(run, parent), str(len(ckpts)), str(ckpts[-1].step),
+                     f"{metric}={value:.4g} (step {best[0].step})" if value is not None else "-"))
+    print(f"{parent}: {len(runs)} run(s)")
+    _table(rows)
+    return 0
+
+
 def cmd_ls(args) -> int:
     from ckptkit import metadata
 
-    directory = checkpoint_dir_of(args.path)
+    try:
+        directory = checkpoint_dir_of(args.path)
+    except FileNotFoundError:
+        runs = runs_under(args.path)
+        if not runs:
+            raise
+        return _ls_runs(args.path, runs)
     ckpts = metadata.scan(directory)
     doc = metadata.read_document(directory)
     best = set(doc.get("best") or [])
@@ -120,6 +164,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _files_of(prefix: str) -> List[str]:
+    from ckptkit import metadata
+
+    return metadata.checkpoint_files(prefix) or [prefix + ".index"]
+
+
 def _read_tensors(prefix: str) -> tuple:
     """Read every tensor of the checkpoint at ``prefix``: (tensors read, bytes, opaque ones)."""
     import tensorflow as tf
@@ -135,8 +185,9 @@ def _read_tensors(prefix: str) -> tuple:
             value = reader.get_tensor(key)
         except (tf.errors.OpError, IndexError) as exc:  # IndexError: a truncated data file
             message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-            raise RuntimeError(f"{prefix}: tensor {key} cannot be read ({message}); the "
-                               "checkpoint is truncated or corrupt") from exc
+            files = ", ".join(os.path.basename(f) for f in _files_of(prefix))
+            raise RuntimeError(f"{prefix}: tensor {key} cannot be read ({message}) from its "
+                               f"files ({files}); the checkpoint is truncated or corrupt") from exc
         total += getattr(value, "nbytes", 0)
     return len(dtypes) - opaque, total, opaque
 
@@ -185,13 +236,27 @@ def cmd_verify(args) -> int:
     if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
         return _verify_saved_model(path, args.load)
     prefix = path[:-len(".index")] if path.endswith(".index") else path
-    if not tf.io.gfile.exists(prefix + ".index"):
-        raise FileNotFoundError(f"{args.path} is neither a SavedModel directory nor a checkpoint "
-                                "prefix (no saved_model.pb, no .index file)")
-    count, total, opaque = _read_tensors(prefix)
-    print(f"{prefix}: checkpoint OK, {count} tensors read ({total} bytes)"
-          + (f", {opaque} data-iterator state(s) present" if opaque else ""))
-    return 0
+    if tf.io.gfile.exists(prefix + ".index"):
+        prefixes = [prefix]
+    elif tf.io.gfile.isdir(path):  # a run or checkpoint directory: every checkpoint in it
+        from ckptkit import metadata
+
+        prefixes = [c.path for c in metadata.scan(checkpoint_dir_of(path))]
+    else:
+        raise FileNotFoundError(f"{args.path} is neither a SavedModel directory, a run or "
+                                "checkpoint directory, nor a checkpoint prefix (no saved_model.pb, "
+                                "no .index file)")
+    bad = 0
+    for prefix in prefixes:
+        try:
+            count, total, opaque = _read_tensors(prefix)
+        except RuntimeError as exc:
+            print(f"ckptkit: error: {exc}", file=sys.stderr)
+            bad += 1
+            continue
+        print(f"{prefix}: checkpoint OK, {count} tensors read ({total} bytes)"
+              + (f", {opaque} data-iterator state(s) present" if opaque else ""))
+    return 1 if bad else 0
 
 
 def cmd_inspect(args) -> int:
@@ -205,17 +270,18 @@ def cmd_inspect(args) -> int:
 
     reader = tf.train.load_checkpoint(prefix)
     shown = {e.key for e in specs.values()}
-    rows = [("path", "shape", "dtype", "object-graph path / checkpoint key")]
+    slots = transfer.optimizer_slots(prefix, {p: e.key for p, e in specs.items()}) \
+        if transfer.has_object_graph(prefix) else {}
+    rows = [("path", "shape", "dtype", "also")]
     for path, e in sorted(specs.items()):
         shape, dtype = e.spec
-        alias = e.aliases[0] if e.aliases else ("" if e.key.startswith(path + "/") or e.key == path else e.key)
-        rows.append((path, str(shape.as_list()), dtype.name, alias))
-    others = sorted(k for k in reader.get_variable_to_shape_map()
-                    if k not in shown and k != "_CHECKPOINTABLE_OBJECT_GRAPH")
-    for key in others:
-        path = key.split("/.ATTRIBUTES/")[0]
-        rows.append((path, str(reader.get_variable_to_shape_map()[key]),
-                     reader.get_variable_to_dtype_map()[key].name, ""))
+        rows.append((path, str(shape.as_list()), dtype.name, e.aliases[0] if e.aliases else ""))
+    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    def natural(key):  # optimizer/_variables/2 before optimizer/_variables/10
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+    for key in sorted((k for k in shapes if k not in shown and k != "_CHECKPOINTABLE_OBJECT_GRAPH"), key=natural):
+        rows.append((key.split("/.ATTRIBUTES/")[0], str(shapes[key]), dtypes[key].name, slots.get(key, "")))
     _table(rows)
     return 0
 
@@ -301,11 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  ckptkit diff runs/pretrain runs/finetune\n"
                "  ckptkit diff runs/a runs/b --exclude 'model/head/*' --rename model/encoder/=model/backbone/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    dif.add_argument("a", metavar="CKPT_A")
-    dif.add_argument("b", metavar="CKPT_B")
-    dif.add_argument("--include", action="append", default=[], metavar="GLOB")
-    dif.add_argument("--exclude", action="append", default=[], metavar="GLOB")
-    dif.add_argument("--rename", action="append", default=[], metavar="OLD=NEW")
+    dif.add_argument("a", metavar="CKPT_A", help="the source: a run, checkpoint directory, "
+                     "checkpoint prefix or SavedModel")
+    dif.add_argument("b", metavar="CKPT_B", help="whose variables play the new model's")
+    dif.add_argument("--include", action="append", default=[], metavar="GLOB",
+                     help="only variables whose path (or object-graph path) matches; repeatable "
+                          "(checkpoint.init_from.include)")
+    dif.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                     help="leave out variables whose path matches; repeatable (checkpoint.init_from.exclude)")
+    dif.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                     help="read CKPT_A's paths starting with OLD as starting with NEW; repeatable "
+                          "(checkpoint.init_from.rename)")
     dif.set_defaults(func=cmd_diff)
     return parser
 

@@ -246,6 +246,43 @@ def checkpoint_paths(prefix: str, layer_names: Optional[Mapping[str, str]] = Non
     return paths
 
 
+def optimizer_slots(prefix: str, paths: Mapping[str, str], root: str = "optimizer") -> Dict[str, str]:
+    """Checkpoint key -> ``<slot> of <variable path>`` for a Keras 3 optimizer's slot
+    variables (``optimizer/_variables/7`` is ``velocity of model/head/kernel``).
+
+    Keras keeps the slots in one list, the same number per trainable variable, in the order
+    of ``_trainable_variables``; each is checked to have its variable's shape, else nothing
+    is claimed. ``paths`` is path -> checkpoint key of the model's variables."""
+    graph = _checkpoint_graph(prefix)
+    shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+
+    def child(node_id, name):
+        return next((c.node_id for c in graph.nodes[node_id].children if c.local_name == name), None)
+
+    def key(node_id):
+        return next((a.checkpoint_key for a in graph.nodes[node_id].attributes if a.name == _VALUE_ATTR), None)
+
+    opt = child(0, root)
+    listed = [child(opt, n) if opt is not None else None for n in ("_trainable_variables", "_variables")]
+    if None in listed:
+        return {}
+    owners = [key(c.node_id) for c in graph.nodes[listed[0]].children]
+    own = {child(opt, n) for n in ("_iterations", "_learning_rate")}
+    slots = [c.node_id for c in graph.nodes[listed[1]].children if c.node_id not in own]
+    if not owners or not slots or len(slots) % len(owners):
+        return {}
+    per = len(slots) // len(owners)
+    path_of = {k: p for p, k in paths.items()}
+    out = {}
+    for j, node_id in enumerate(slots):
+        owner, slot = owners[j // per], key(node_id)
+        if owner not in path_of or slot is None or shapes.get(slot) != shapes.get(owner):
+            return {}
+        name = next(a.full_name for a in graph.nodes[node_id].attributes if a.name == _VALUE_ATTR)
+        out[slot] = f"{name.rsplit('_', 1)[-1]} of {path_of[owner]}"
+    return out
+
+
 def checkpoint_variable_paths(prefix: str) -> Dict[str, str]:
     """Path -> checkpoint key of every variable under ``model`` in ``prefix``, named with the
     layer names ckptkit recorded for it (see :func:`recorded_layer_names`)."""

@@ -163,3 +163,28 @@ def test_strict_error_names_the_nearest_checkpoint_names_and_the_rename(tmp_path
     assert f"checkpoint.init_from.rename='{{old_net/: {top}/}}' would map {len(names)} of them" in message
     report = ckptkit.restore_partial(model, path, rename={"old_net/": top + "/"})
     assert sorted(report.restored) == names
+
+
+def test_cli_inspect_slots_verify_a_run_ls_a_parent(tmp_path, capsys):
+    """inspect names each optimizer slot by its variable; verify reads every checkpoint of a
+    run and names the tensor and files of a damaged one; ls of a parent lists its runs."""
+    ToyTrainer(make_cfg(tmp_path / "runs" / "a", **{"model.kind": "keras", "trainer.max_steps": 10})).fit()
+    ToyTrainer(make_cfg(tmp_path / "runs" / "b", **{"trainer.max_steps": 20})).fit()
+    assert cli.main(["inspect", str(tmp_path / "runs" / "a")]) == 0
+    out = capsys.readouterr().out
+    kernels = [p for p in transfer.checkpoint_variable_paths(str(tmp_path / "runs" / "a" / "checkpoints" / "ckpt-10"))
+               if p.endswith("kernel")]
+    for p in kernels:
+        assert f"momentum of {p}" in out and f"velocity of {p}" in out
+    assert cli.main(["ls", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "2 run(s)" in out and "\na " in out and "\nb " in out
+    data = next((tmp_path / "runs" / "b" / "checkpoints").glob("ckpt-20.data-*"))
+    data.write_bytes(data.read_bytes()[:100])
+    assert cli.main(["verify", str(tmp_path / "runs" / "b")]) == 1
+    captured = capsys.readouterr()
+    assert "ckpt-10: checkpoint OK" in captured.out
+    assert "ckpt-20: tensor" in captured.err and data.name in captured.err
+    with pytest.raises(SystemExit):
+        cli.main(["diff", "--help"])
+    assert "checkpoint.init_from.rename" in capsys.readouterr().out
