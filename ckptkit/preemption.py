@@ -37,16 +37,28 @@ SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "S
                 if s is not None)
 
 
-class Preempted(SystemExit):
-    """Raised by ``fit()`` after a signal: exits the process with code 75 once the step
-    reached is saved, or with 0 when training had already finished and only the export was
-    left (``complete``; the export is skipped and ``detail`` says how to make it)."""
+def interactive() -> bool:
+    """Whether Python runs a session a person types into (REPL, ``python -i``, IPython,
+    Jupyter), which a Ctrl-C must not end."""
+    import sys
+
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    ipython = sys.modules.get("IPython")
+    return bool(ipython and getattr(ipython, "get_ipython", lambda: None)())
+
+
+class _Stop:
+    """Why and where ``fit()`` stopped after a signal (shared by Preempted and Interrupted)."""
 
     def __init__(self, signum: Optional[int], step: int, path: Optional[str], *,
                  complete: bool = False, trained: bool = True, detail: str = ""):
-        super().__init__(0 if complete else EXIT_PREEMPTED)
         self.signum, self.step, self.path = signum, step, path
         self.complete, self.trained, self.detail = complete, trained, detail
+        super().__init__(self._arg())
+
+    def _arg(self):
+        return str(self)
 
     def __str__(self) -> str:
         why = (signal.Signals(self.signum).name if self.signum is not None
@@ -61,6 +73,47 @@ class Preempted(SystemExit):
                     f"save; {held}); run the same command again to continue")
         return (f"stopped by {why} at step {self.step}; "
                 f"saved {self.path}; run the same command again to continue")
+
+
+class Preempted(_Stop, SystemExit):
+    """Raised by ``fit()`` after a signal: exits the process with code 75 once the step
+    reached is saved, or with 0 when training had already finished and only the export was
+    left (``complete``; the export is skipped and ``detail`` says how to make it)."""
+
+    def _arg(self):
+        return 0 if self.complete else EXIT_PREEMPTED
+
+
+class Interrupted(_Stop, KeyboardInterrupt):
+    """Raised by ``fit()`` instead of :class:`Preempted` after a Ctrl-C in an interactive
+    session (REPL, IPython, Jupyter): the step reached is saved, as after any signal, and
+    the session goes on. ``fit()`` again resumes."""
+
+
+def stop_exception(signum: Optional[int], step: int, path: Optional[str], **kw) -> _Stop:
+    """What ``fit()`` raises after ``signum``: Interrupted for a Ctrl-C typed into an
+    interactive session, else Preempted (which ends the process)."""
+    if signum == signal.SIGINT and interactive():
+        return Interrupted(signum, step, path, **kw)
+    return Preempted(signum, step, path, **kw)
+
+
+def _exit_interrupted() -> None:
+    """Exit at once with 130, leaving the terminal usable (a live bar hides the cursor)."""
+    import sys
+
+    try:
+        if sys.stderr.isatty():
+            sys.stderr.write("\x1b[?25h\n")
+            sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _second_ctrl_c(_signum, _frame) -> None:
+    log.error("second Ctrl-C: exiting now")
+    _exit_interrupted()
 
 
 class ExportInterrupted(BaseException):
@@ -82,6 +135,9 @@ class PreemptionWatch:
         self._chained: Dict[int, object] = {}
         #: While true, a signal also raises ExportInterrupted in the main thread.
         self.interrupt_python = False
+        #: Set when a Ctrl-C stops a script: until the process ends, another Ctrl-C exits
+        #: at once and quietly (no KeyboardInterrupt traceback from the teardown).
+        self.exiting_on_sigint = False
 
     @property
     def requested(self) -> bool:
@@ -104,7 +160,7 @@ class PreemptionWatch:
             self._sigints += 1
             if self._sigints >= 2:
                 log.error("second Ctrl-C: exiting now without saving")
-                os._exit(EXIT_INTERRUPTED)
+                _exit_interrupted()
         self._request(signum)
 
     def _request(self, signum: int) -> None:
@@ -148,7 +204,8 @@ class PreemptionWatch:
             return
         signal.set_wakeup_fd(self._old_wakeup)
         for s, handler in self._old_handlers.items():
-            signal.signal(s, handler)
+            quiet = s == signal.SIGINT and self.exiting_on_sigint
+            signal.signal(s, _second_ctrl_c if quiet else handler)
         r, w = self._pipe
         os.close(w)  # the watcher's read returns b"" and it ends
         self._thread.join(timeout=5)

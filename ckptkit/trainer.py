@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Union
@@ -49,7 +50,7 @@ from ckptkit.policies import (
     SaveOnPreemption,
     is_better,
 )
-from ckptkit.preemption import ExportInterrupted, Preempted, PreemptionWatch
+from ckptkit.preemption import ExportInterrupted, Interrupted, Preempted, PreemptionWatch, stop_exception
 from ckptkit.progress import Progress
 from ckptkit.resume import config_changes, format_changes, require_checkpoint, restore_newest_readable
 from ckptkit.runinfo import RUN_FILE, read_run_record, write_run_record
@@ -337,7 +338,9 @@ class Trainer:
         """Train to ``trainer.max_steps`` (resuming if possible), then export.
 
         On SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 it saves at the step reached and raises
-        :class:`~ckptkit.Preempted` (a SystemExit with code 75). Holds the run directory's
+        :class:`~ckptkit.Preempted` (a SystemExit with code 75); after a Ctrl-C in an
+        interactive session, :class:`~ckptkit.Interrupted` (a KeyboardInterrupt: the session
+        stays). Holds the run directory's
         lock throughout: a second launch on the same run directory is refused.
 
         With ``strategy.kind=multi_worker`` every worker runs ``fit()``; the chief alone
@@ -410,12 +413,14 @@ class Trainer:
         workers stop together inside the loop)."""
         if self._watch.requested and not self.distribution.multi_worker:
             latest = self.checkpointer.latest if self.checkpointer else None
-            self._stop(Preempted(self._watch.signum, step, latest.path if latest else None, trained=False))
+            self._stop(stop_exception(self._watch.signum, step, latest.path if latest else None, trained=False))
 
-    def _stop(self, stop: Preempted) -> None:
+    def _stop(self, stop: Union[Preempted, Interrupted]) -> None:
         """Say why the run stops, hand the signal to the handler installed before, raise."""
         log.warning("%s", stop)
         self._watch.chain()
+        if isinstance(stop, Preempted) and stop.signum == signal.SIGINT:
+            self._watch.exiting_on_sigint = True  # the process ends: a 2nd Ctrl-C exits quietly
         raise stop
 
     def _precheck(self) -> None:
@@ -478,6 +483,11 @@ class Trainer:
                      s.trainer.max_steps)
         self._progress = Progress(s.trainer.progress if self.is_chief else "log",
                                   s.trainer.max_steps, start_step)
+        if self.checkpointer.latest is not None:  # a resumed run's bar starts where it was
+            self._progress.saved(self.checkpointer.latest.step)
+        best_value, best_step = self.train_state.best()
+        if best_step is not None and s.checkpoint.best.metric:
+            self._progress.best(s.checkpoint.best.metric, best_value, best_step)
         try:
             with self._progress:
                 step, train_metrics, eval_metrics = self._train(eval_ds, start_step)
@@ -492,7 +502,7 @@ class Trainer:
                  metadata_prefix(self.checkpointer.directory, step))
         if self._stopped and step < s.trainer.max_steps:
             self._summaries.close()
-            self._stop(Preempted(self._watch.signum, step, saved))
+            self._stop(stop_exception(self._watch.signum, step, saved))
         export_path = None
         if s.export.enabled and self.is_chief:
             export_path = self._final_export(step, saved)
@@ -536,7 +546,7 @@ class Trainer:
             pass
         if watch.requested:
             self._summaries.close()
-            self._stop(Preempted(watch.signum, step, saved, complete=True, detail=how))
+            self._stop(stop_exception(watch.signum, step, saved, complete=True, detail=how))
         if export_path and s.export.max_to_keep:
             export_lib.prune_versions(s.export.dir, s.export.max_to_keep)
         return export_path
