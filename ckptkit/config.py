@@ -144,6 +144,9 @@ class StrategyConfig:
     # Split the CPU into this many logical devices (mirrored without GPUs: several replicas
     # on one machine, e.g. to try a strategy on a laptop). null: one CPU device.
     cpu_devices: Optional[int] = None
+    # multi_worker: how long to wait for every task of TF_CONFIG to connect before giving up
+    # (exit 1, naming the tasks that never answered); null waits for ever.
+    connect_timeout_seconds: Optional[float] = 600.0
 
 
 @dataclass
@@ -199,6 +202,7 @@ def register_configs() -> None:
     same name in the project's own config directory comes first on Hydra's search path."""
     from hydra.core.config_store import ConfigStore
 
+    OmegaConf.register_new_resolver("ckptkit.hydra_dir", hydra_dir, replace=True)
     cs = ConfigStore.instance()
     for group, node in group_schemas().items():
         cs.store(group=group, name="schema", node=node, provider="ckptkit")
@@ -290,6 +294,8 @@ def validate(run: RunConfig) -> RunConfig:
     _positive("export.max_to_keep", e.max_to_keep, allow_none=True, integer=True)
     _one_of("strategy.kind", run.strategy.kind, STRATEGY_KINDS)
     _positive("strategy.cpu_devices", run.strategy.cpu_devices, allow_none=True, integer=True)
+    _positive("strategy.connect_timeout_seconds", run.strategy.connect_timeout_seconds,
+              allow_none=True, integer=False)
     if not run.run_dir:
         raise ConfigError("run_dir", "must not be empty")
     if not c.dir:
@@ -337,6 +343,18 @@ def load_config(cfg: Union[Mapping[str, Any], DictConfig]) -> tuple[RunConfig, D
     for group, key in STEP_KEYS:  # the user's code sees the same whole numbers
         full[group][key] = getattr(getattr(run, group), key)
     return run, full
+
+
+def hydra_dir(run_dir: str) -> str:
+    """Where Hydra's own files of a run go (``hydra.run.dir: ${ckptkit.hydra_dir:${run_dir}}``):
+    the run directory itself, or for a ``run_dir`` on an object store (``gs://bucket/runs/x``),
+    which Hydra can only write as a local path, ``outputs/gs/bucket/runs/x`` under the launch
+    directory (Hydra's own default root), instead of ``./gs:/bucket/...``."""
+    run_dir = str(run_dir)
+    if "://" not in run_dir:
+        return run_dir
+    scheme, _, rest = run_dir.partition("://")
+    return os.path.join("outputs", scheme, rest.strip("/"))
 
 
 def _launch_dir() -> Optional[str]:

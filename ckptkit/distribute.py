@@ -26,6 +26,8 @@ import dataclasses
 import json
 import logging
 import os
+import socket
+import threading
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
@@ -101,6 +103,18 @@ class Distribution:
 
     # --- eager helpers -------------------------------------------------------------------
 
+    def gather_ints(self, values: List[int]) -> List[List[int]]:
+        """Every worker's ``values`` (a few int64s), row ``task_id``, on every worker: a sum
+        of one-hot rows over all replicas (each of a worker's replicas gives its row)."""
+        n = self.num_workers
+        per_worker = self.num_replicas // n
+
+        def all_rows(v):
+            row = tf.one_hot(self.task_id, n, dtype=tf.int64)[:, None] * v[None, :]
+            return self.sum(self.strategy.run(lambda: row)) // per_worker
+
+        return tf.function(all_rows)(tf.constant(values, tf.int64)).numpy().tolist()
+
     def agree(self, decision: bool) -> bool:
         """True on every worker if ``decision`` is true on any (multi-worker); else as is."""
         if not self.multi_worker:
@@ -175,6 +189,88 @@ def _task(strategy) -> Tuple[str, int, int, bool]:
     return task_type, task_id, workers, bool(strategy.extended.should_checkpoint)
 
 
+def slurm_tasks() -> int:
+    """How many tasks this SLURM job step runs (0 outside SLURM)."""
+    try:
+        return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 0)
+    except ValueError:
+        return 0
+
+
+def slurm_cluster_resolver():
+    """TensorFlow's SlurmClusterResolver for this job step (``srun`` with one task per
+    worker): the cluster from SLURM's variables (node list, tasks per node, this task's
+    rank), ports from 8888 up on each node; with GPUs, each task gets its share of the
+    node's GPUs through CUDA_VISIBLE_DEVICES."""
+    gpus = len(tf.config.list_physical_devices("GPU"))  # does not initialize TensorFlow
+    if gpus:
+        return tf.distribute.cluster_resolver.SlurmClusterResolver(gpus_per_node=gpus)
+    # Without GPUs: the resolver still hands out "GPU slots" to place tasks on a node, one per
+    # task (up to 256 tasks a node), and leaves CUDA_VISIBLE_DEVICES alone.
+    return tf.distribute.cluster_resolver.SlurmClusterResolver(gpus_per_node=256, gpus_per_task=1,
+                                                               auto_set_gpu=False)
+
+
+def _cluster(resolver=None) -> Tuple[Dict[str, List[str]], str, int]:
+    """The cluster (TF_CONFIG's, or ``resolver``'s), and this task's type and index."""
+    if resolver is not None:
+        return dict(resolver.cluster_spec().as_dict()), str(resolver.task_type), int(resolver.task_id)
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        task = config.get("task") or {}
+        return dict(config.get("cluster") or {}), str(task.get("type", "worker")), int(task.get("index", 0))
+    except (ValueError, TypeError, AttributeError):
+        return {}, "worker", 0
+
+
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+class _ConnectWatchdog:
+    """While MultiWorkerMirroredStrategy() waits for every task of the cluster to connect
+    (TensorFlow waits for ever, silently): say what it waits for, and after
+    ``strategy.connect_timeout_seconds`` end the process (exit 1) naming the tasks that
+    never answered; a Python exception cannot reach a thread blocked in TensorFlow's C++."""
+
+    def __init__(self, timeout: Optional[float], resolver=None):
+        cluster, self.task_type, self.task_id = _cluster(resolver)
+        self.others = [(job, i, address) for job, addresses in cluster.items()
+                       for i, address in enumerate(addresses)
+                       if (job, i) != (self.task_type, self.task_id)]
+        self.timeout = timeout
+        self._timer: Optional[threading.Timer] = None
+        if not self.others:
+            return
+        log.info("waiting for the %d other task(s) of the cluster in TF_CONFIG to connect (%s); "
+                 "this is %s %d; giving up after strategy.connect_timeout_seconds=%s",
+                 len(self.others), ", ".join(f"{j} {i} at {a}" for j, i, a in self.others),
+                 self.task_type, self.task_id, timeout)
+        if timeout:
+            self._timer = threading.Timer(timeout, self._give_up)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _give_up(self) -> None:
+        missing = [f"{j} {i} at {a}" for j, i, a in self.others if not _reachable(a)]
+        log.error("strategy.connect_timeout_seconds=%s: the cluster did not come up; %s. Start "
+                  "every task of TF_CONFIG (or raise the timeout); exiting", self.timeout,
+                  ("not answering: " + ", ".join(missing)) if missing else
+                  "every task answers, but not all of them joined (another TF_CONFIG or run?)")
+        for handler in logging.getLogger().handlers + log.handlers:
+            handler.flush()
+        os._exit(1)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 def create(cfg: StrategyConfig) -> Distribution:
     """The Distribution for ``cfg``; created once per process and settings."""
     key = (cfg.kind, cfg.cpu_devices)
@@ -194,20 +290,29 @@ def create(cfg: StrategyConfig) -> Distribution:
     else:
         if cfg.cpu_devices and cfg.cpu_devices > 1:
             _cpu_devices(cfg.cpu_devices)
-        if not os.environ.get("TF_CONFIG"):
-            log.warning("strategy.kind=multi_worker without TF_CONFIG: running as a single worker")
+        resolver = None
+        if not os.environ.get("TF_CONFIG") and slurm_tasks() > 1:
+            resolver = slurm_cluster_resolver()
+            log.info("strategy.kind=multi_worker: the cluster from SLURM (job %s, %d tasks): %s",
+                     os.environ.get("SLURM_JOB_ID", "?"), slurm_tasks(), resolver.cluster_spec().as_dict())
+        elif not os.environ.get("TF_CONFIG"):
+            log.warning("strategy.kind=multi_worker without TF_CONFIG or a multi-task SLURM job "
+                        "step: running as a single worker")
         else:
             try:
                 json.loads(os.environ["TF_CONFIG"])
             except ValueError as exc:
                 raise ConfigError("strategy.kind", f"is multi_worker but TF_CONFIG is not JSON "
                                   f"({exc}): {os.environ['TF_CONFIG'][:200]}") from exc
+        watchdog = _ConnectWatchdog(cfg.connect_timeout_seconds, resolver)
         try:
-            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
         except (RuntimeError, ValueError) as exc:
             raise ConfigError("strategy.kind", f"cannot create the MultiWorkerMirroredStrategy "
                               f"(check TF_CONFIG; the strategy must be created before TensorFlow's "
                               f"first operation in the process): {exc}") from exc
+        finally:
+            watchdog.cancel()
         task_type, task_id, workers, chief = _task(strategy)
         dist = Distribution("multi_worker", strategy, is_chief=chief,
                             task=f"{task_type} {task_id}", task_id=task_id, num_workers=workers)

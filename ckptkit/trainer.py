@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from ckptkit.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CheckpointSaveError,
+    CkptkitError,
     ConfigError,
     DataPipelineError,
     ExportError,
@@ -283,19 +285,22 @@ class Trainer:
 
     def _resume_or_warm_start(self) -> tuple[Optional[int], Optional[RestoreReport]]:
         c = self.settings.checkpoint
-        if c.resume == "never" and self.checkpointer.checkpoints and not self.is_chief:
-            self.checkpointer._forget_existing()  # the chief moves them aside and starts over
-        if c.resume == "never" and self.checkpointer.checkpoints:
-            moved = f"{c.dir.rstrip('/')}-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-            storage.rename(c.dir, moved)
-            log.warning("checkpoint.resume=never: moved the existing checkpoints aside to %s "
-                        "(nothing deleted); starting fresh", moved)
+        if c.resume == "never" and self.distribution.agree(bool(self.checkpointer.checkpoints)):
+            # Every worker takes this path when the chief does (building again creates the
+            # variables with collectives, in step on all workers); the chief moves the files.
+            if self.is_chief:
+                moved = f"{c.dir.rstrip('/')}-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+                storage.rename(c.dir, moved)
+                log.warning("checkpoint.resume=never: moved the existing checkpoints aside to %s "
+                            "(nothing deleted); starting fresh", moved)
             self.checkpointer.close()
             self.checkpointer = None
             self.build()
             if self.is_chief:  # the lock and owner record moved with them
                 self._lock_checkpoint_dir()
                 claim_checkpoint_dir(c.dir, self.run_dir)
+            else:
+                self.checkpointer._forget_existing()  # what it listed before the chief's move
         ckpt = self.checkpointer
         if ckpt.checkpoints and c.resume != "never":
             changes = self._config_changes()
@@ -387,7 +392,13 @@ class Trainer:
                         raise CheckpointSaveError(
                             f"cannot write to the run directory {self.run_dir}: {exc}") from exc
                     self._lock_checkpoint_dir()
-                return self._fit()
+                try:
+                    return self._fit()
+                except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                        tf.errors.CancelledError, tf.errors.AbortedError, tf.errors.InternalError) as exc:
+                    if not self.distribution.multi_worker:
+                        raise
+                    raise self._peer_lost(exc) from exc
             finally:
                 if self.checkpointer is not None:  # its background thread ends with the run
                     self.checkpointer.close()
@@ -407,6 +418,46 @@ class Trainer:
                 self._locks.append(RunLock(c, lease_seconds=lease).acquire())
             except OSError as exc:
                 raise CheckpointSaveError(f"cannot write to checkpoint.dir {c}: {exc}") from exc
+
+    def _peer_lost(self, exc: Exception) -> CkptkitError:
+        """A collective failed under multi_worker: a peer died or became unreachable. The
+        strategy cannot save without it; the last checkpoint is where the run resumes."""
+        me = self.distribution.task.split()[-1]
+        tasks = sorted({f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)",
+                                                                     getattr(exc, "message", str(exc)))
+                        if task != me})
+        latest = self.checkpointer.latest if self.checkpointer else None
+        return CkptkitError(
+            f"{self.distribution.task} lost contact with "
+            f"{', '.join(tasks) if tasks else 'another worker'} ({type(exc).__name__}: "
+            f"{(getattr(exc, 'message', None) or str(exc)).splitlines()[0][:300]}); a multi-worker "
+            "run cannot save without every worker. "
+            + (f"The last checkpoint is {latest.path} (step {latest.step}): " if latest else "")
+            + "start every worker again to resume from it.")
+
+    def _check_workers_restored_alike(self, resumed_from: Optional[int]) -> None:
+        """Every worker of a multi-worker run must have restored the same checkpoint: one
+        that did not see the chief's files (a node-local run_dir, NFS attribute caching)
+        would start elsewhere, and the all-reduces would silently mix the two states."""
+        dist = self.distribution
+        if not dist.multi_worker:
+            return
+        info = self.checkpointer.find(resumed_from) if resumed_from is not None else None
+        uid = int(info.uid[:15], 16) if info is not None and info.uid else 0
+        mine = [int(self.global_step.numpy()), -1 if resumed_from is None else resumed_from, uid]
+        rows = dist.gather_ints(mine)
+        if all(row == rows[0] for row in rows):
+            return
+
+        def said(task, row):
+            step, frm, u = row
+            where = "nothing (a fresh start)" if frm < 0 else f"step {frm} (checkpoint id {u:x})"
+            return f"worker {task} restored {where}, at step {step}"
+
+        raise CheckpointMismatchError(
+            "the workers did not restore the same state: " + "; ".join(said(i, r) for i, r in enumerate(rows))
+            + f". Every worker must see the chief's checkpoint directory {self.checkpointer.directory} "
+            "(a shared filesystem, the same path on every host); nothing was trained.")
 
     def _stop_if_requested(self, step: int) -> None:
         """Between phases of fit(): stop now if a signal came (one process only; several
@@ -454,6 +505,7 @@ class Trainer:
             self.checkpointer.remove_leftovers()
         self._stop_if_requested(0)
         resumed_from, report = self._resume_or_warm_start()
+        self._check_workers_restored_alike(resumed_from)
         step_now = int(self.global_step.numpy())
         self._stop_if_requested(step_now)
         if resumed_from is not None and step_now > s.trainer.max_steps:

@@ -53,12 +53,14 @@ def free_ports(n):
             s.close()
 
 
-def start_workers(run_dir, *overrides, workers=2):
-    """One toy_run.py process per worker of a localhost cluster, all on ``run_dir``."""
+def start_workers(run_dir, *overrides, workers=2, run_dirs=None, only=None):
+    """One toy_run.py process per worker of a localhost cluster, all on ``run_dir`` (or
+    worker i on ``run_dirs[i]``); ``only``: start just these task indexes."""
     ports = free_ports(workers)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     procs = []
-    for index in range(workers):
+    for index in range(workers) if only is None else only:
+        run_dir = run_dirs[index] if run_dirs else run_dir
         env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
         procs.append(subprocess.Popen(
             [sys.executable, TOY_RUN, str(run_dir), "strategy.kind=multi_worker", *overrides],

@@ -138,3 +138,56 @@ def test_multi_worker_with_a_broken_tf_config_is_a_config_error(tmp_path, monkey
     with pytest.raises(ckptkit.ConfigError, match="TF_CONFIG is not JSON"):
         ToyTrainer(make_cfg(tmp_path, **{"strategy.kind": "multi_worker"})).fit()
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.slow
+def test_workers_take_the_same_path_and_must_restore_the_same_state(tmp_path):
+    """checkpoint.resume=never: every worker rebuilds with the chief (collectives in step),
+    the chief moves the old checkpoints aside. Then a worker that cannot see the chief's
+    checkpoints (its own run_dir) restores nothing while the chief restores step 20: both
+    stop before training, naming what each restored."""
+    common = ["trainer.max_steps=20", "trainer.eval_every_steps=null", "checkpoint.save_every_steps=10"]
+    run_dir = tmp_path / "run"
+    code, out = run(run_dir, *common)  # an earlier run to start over from
+    assert code == 0, out[-3000:]
+    (code0, out0), (code1, out1) = finish(start_workers(run_dir, *common, "checkpoint.resume=never"))
+    assert (code0, code1) == (0, 0), out0[-3000:] + out1[-3000:]
+    assert result_of(out0)["resumed_from"] is None and result_of(out1)["resumed_from"] is None
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("run")] == ["run"]
+    assert len([p for p in run_dir.iterdir() if p.name.startswith("checkpoints-moved-")]) == 1
+    assert steps_on_disk(run_dir / "checkpoints") == [10, 20]
+
+    elsewhere = tmp_path / "node-local"
+    (code0, out0), (code1, out1) = finish(start_workers(None, *common, "trainer.max_steps=30",
+                                                        run_dirs=[run_dir, elsewhere]))
+    assert (code0, code1) == (1, 1), out0[-3000:] + out1[-3000:]
+    for out in (out0, out1):
+        assert "the workers did not restore the same state" in out, out[-3000:]
+        assert "worker 0 restored step 20" in out and "worker 1 restored nothing (a fresh start)" in out
+    assert steps_on_disk(run_dir / "checkpoints") == [10, 20]  # nothing trained
+
+
+@pytest.mark.slow
+def test_a_worker_whose_peers_never_come_up_gives_up_naming_them(tmp_path):
+    proc = start_workers(tmp_path / "run", "strategy.connect_timeout_seconds=3", only=[0])[0]
+    code, out = finish([proc], timeout=120)[0]
+    assert code == 1, out[-3000:]
+    assert "waiting for the 1 other task(s) of the cluster in TF_CONFIG to connect (worker 1 at localhost:" in out
+    assert "connect_timeout_seconds=3" in out and "not answering: worker 1 at localhost:" in out
+
+
+@pytest.mark.parametrize("nodes, per_node, procid, want", [
+    ("gpu[01-02]", "1(x2)", 1, ({"worker": ["gpu01:8888", "gpu02:8888"]}, "worker", 1)),
+    ("gpu01", "2", 0, ({"worker": ["gpu01:8888", "gpu01:8889"]}, "worker", 0)),
+])
+def test_a_multi_task_slurm_step_needs_no_tf_config(monkeypatch, nodes, per_node, procid, want):
+    """The cluster of `srun --ntasks-per-node=N` comes from SLURM's own variables through
+    TensorFlow's SlurmClusterResolver (no TF_CONFIG, no scontrol, no nvidia-smi)."""
+    from ckptkit import distribute
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    for key, value in {"SLURM_JOB_ID": "77", "SLURM_PROCID": str(procid), "SLURM_STEP_NUM_TASKS": "2",
+                       "SLURM_STEP_NODELIST": nodes, "SLURM_STEP_TASKS_PER_NODE": per_node}.items():
+        monkeypatch.setenv(key, value)
+    assert distribute.slurm_tasks() == 2
+    assert distribute._cluster(distribute.slurm_cluster_resolver()) == want

@@ -201,3 +201,17 @@ def test_refused_launches_leave_the_runs_record_and_log_alone(tmp_path):
     assert code == 1 and "below step 50" in out, out[-3000:]
     assert (run_dir / ".hydra" / "config.yaml").read_text() == record
     assert log_file.read_text() == logged
+
+
+@pytest.mark.slow
+def test_run_dir_on_an_object_store_end_to_end(tmp_path):
+    """run_dir=ram://... (TensorFlow's in-memory filesystem, the stand-in for gs://): ckptkit's
+    files go to the URL, checkpoints and the checked export included; Hydra's own files go to
+    outputs/ram/... locally, not to a directory named 'ram:'."""
+    code, out = run_example(tmp_path, "run_dir=ram://runs/digits", "trainer.max_steps=100",
+                            "trainer.eval_every_steps=100", "checkpoint.save_every_steps=100")
+    assert code == 0, out[-3000:]
+    assert "saved checkpoint ram://runs/digits/checkpoints/ckpt-100" in out
+    assert "exported SavedModel version 1 to ram://runs/digits/export/1" in out
+    assert (tmp_path / "outputs" / "ram" / "runs" / "digits" / ".hydra" / "config.yaml").exists()
+    assert not (tmp_path / "ram:").exists() and not (tmp_path / "runs").exists()
