@@ -602,9 +602,11 @@ def test_scanning_lists_the_directory_once(tmp_path, monkeypatch):
     for step in range(1, 3001):
         (d / f"ckpt-{step}.index").write_bytes(b"i")
         (d / f"ckpt-{step}.data-00000-of-00001").write_bytes(b"dd")
+    from ckptkit import gfile
+
     calls = []
-    real = tf.io.gfile.listdir
-    monkeypatch.setattr(tf.io.gfile, "listdir", lambda p: (calls.append(p), real(p))[1])
+    real = gfile.listdir
+    monkeypatch.setattr(gfile, "listdir", lambda p: (calls.append(p), real(p))[1])
     found = metadata.scan(str(d))
     assert len(found) == 3000 and found[-1].size == 3 and len(calls) == 1
     calls.clear()
