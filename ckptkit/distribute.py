@@ -23,11 +23,12 @@ are averaged over replicas; eval metrics are weighted by each replica's share of
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
-import socket
-import threading
+import subprocess
+import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
@@ -223,52 +224,64 @@ def _cluster(resolver=None) -> Tuple[Dict[str, List[str]], str, int]:
         return {}, "worker", 0
 
 
-def _reachable(address: str, timeout: float = 2.0) -> bool:
+# Run by the watchdog process: wait for EOF on stdin (the cluster came up) or the timeout;
+# at the timeout, name the tasks whose address does not accept a connection.
+_WATCHDOG = """
+import json, select, socket, sys
+wait, timeout, others = float(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3])
+if select.select([sys.stdin], [], [], wait)[0]:
+    sys.exit(0)
+def answers(address):
     host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return True
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+        return True
     except (OSError, ValueError):
         return False
+missing = [f"{job} {i} at {a}" for job, i, a in others if not answers(a)]
+sys.stderr.write("ckptkit: error: strategy.connect_timeout_seconds=%g: the cluster did not come up; %s. "
+                 "Start every task of the cluster (or raise the timeout); exiting with status 1\\n"
+                 % (timeout, ("not answering: " + ", ".join(missing)) if missing else
+                    "every task answers, but not all of them joined (another cluster or run?)"))
+sys.stderr.flush()
+"""
 
 
 class _ConnectWatchdog:
     """While MultiWorkerMirroredStrategy() waits for every task of the cluster to connect
-    (TensorFlow waits for ever, silently): say what it waits for, and after
-    ``strategy.connect_timeout_seconds`` end the process (exit 1) naming the tasks that
-    never answered; a Python exception cannot reach a thread blocked in TensorFlow's C++."""
+    (TensorFlow waits for ever, silently, holding the GIL, so no Python thread can act):
+    say what it waits for; after ``strategy.connect_timeout_seconds`` a small process names
+    the tasks that never answered, and faulthandler's C watchdog ends this one with status 1."""
 
     def __init__(self, timeout: Optional[float], resolver=None):
-        cluster, self.task_type, self.task_id = _cluster(resolver)
-        self.others = [(job, i, address) for job, addresses in cluster.items()
-                       for i, address in enumerate(addresses)
-                       if (job, i) != (self.task_type, self.task_id)]
-        self.timeout = timeout
-        self._timer: Optional[threading.Timer] = None
-        if not self.others:
+        cluster, task_type, task_id = _cluster(resolver)
+        others = [(job, i, address) for job, addresses in cluster.items()
+                  for i, address in enumerate(addresses) if (job, i) != (task_type, task_id)]
+        self._proc: Optional[subprocess.Popen] = None
+        self._devnull = None
+        if not others:
             return
-        log.info("waiting for the %d other task(s) of the cluster in TF_CONFIG to connect (%s); "
-                 "this is %s %d; giving up after strategy.connect_timeout_seconds=%s",
-                 len(self.others), ", ".join(f"{j} {i} at {a}" for j, i, a in self.others),
-                 self.task_type, self.task_id, timeout)
-        if timeout:
-            self._timer = threading.Timer(timeout, self._give_up)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def _give_up(self) -> None:
-        missing = [f"{j} {i} at {a}" for j, i, a in self.others if not _reachable(a)]
-        log.error("strategy.connect_timeout_seconds=%s: the cluster did not come up; %s. Start "
-                  "every task of TF_CONFIG (or raise the timeout); exiting", self.timeout,
-                  ("not answering: " + ", ".join(missing)) if missing else
-                  "every task answers, but not all of them joined (another TF_CONFIG or run?)")
+        log.info("waiting for the %d other task(s) of the cluster to connect (%s); this is %s %d; "
+                 "giving up after strategy.connect_timeout_seconds=%s",
+                 len(others), ", ".join(f"{j} {i} at {a}" for j, i, a in others), task_type, task_id, timeout)
         for handler in logging.getLogger().handlers + log.handlers:
             handler.flush()
-        os._exit(1)
+        if not timeout:
+            return
+        self._proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(max(timeout - 1.0, 0.1)),
+                                       str(timeout), json.dumps(others)], stdin=subprocess.PIPE)
+        self._devnull = open(os.devnull, "w")  # noqa: SIM115 - held until cancel()
+        faulthandler.dump_traceback_later(timeout, exit=True, file=self._devnull)
 
     def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._devnull is not None:
+            faulthandler.cancel_dump_traceback_later()
+            self._devnull.close()
+            self._devnull = None
+        if self._proc is not None:
+            self._proc.stdin.close()  # the cluster is up: the watchdog process exits
+            self._proc.wait(timeout=10)
+            self._proc = None
 
 
 def create(cfg: StrategyConfig) -> Distribution:

@@ -172,7 +172,7 @@ def test_a_worker_whose_peers_never_come_up_gives_up_naming_them(tmp_path):
     proc = start_workers(tmp_path / "run", "strategy.connect_timeout_seconds=3", only=[0])[0]
     code, out = finish([proc], timeout=120)[0]
     assert code == 1, out[-3000:]
-    assert "waiting for the 1 other task(s) of the cluster in TF_CONFIG to connect (worker 1 at localhost:" in out
+    assert "waiting for the 1 other task(s) of the cluster to connect (worker 1 at localhost:" in out
     assert "connect_timeout_seconds=3" in out and "not answering: worker 1 at localhost:" in out
 
 
