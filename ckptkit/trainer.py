@@ -423,14 +423,18 @@ class Trainer:
         """A collective failed under multi_worker: a peer died or became unreachable. The
         strategy cannot save without it; the last checkpoint is where the run resumes."""
         me = self.distribution.task.split()[-1]
-        tasks = sorted({f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)",
-                                                                     getattr(exc, "message", str(exc)))
+        message = getattr(exc, "message", None) or str(exc)
+        tasks = sorted({f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", message)
                         if task != me})
+        # TensorFlow's first line is "Graph execution error:"; the reason is further down
+        reason = next((line.strip() for line in message.splitlines()
+                       if "task:" in line or "unhealthy" in line or "connect" in line.lower()),
+                      message.splitlines()[0] if message else type(exc).__name__)
         latest = self.checkpointer.latest if self.checkpointer else None
         return CkptkitError(
             f"{self.distribution.task} lost contact with "
             f"{', '.join(tasks) if tasks else 'another worker'} ({type(exc).__name__}: "
-            f"{(getattr(exc, 'message', None) or str(exc)).splitlines()[0][:300]}); a multi-worker "
+            f"{reason[:300]}); a multi-worker "
             "run cannot save without every worker. "
             + (f"The last checkpoint is {latest.path} (step {latest.step}): " if latest else "")
             + "start every worker again to resume from it.")

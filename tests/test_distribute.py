@@ -191,3 +191,17 @@ def test_a_multi_task_slurm_step_needs_no_tf_config(monkeypatch, nodes, per_node
         monkeypatch.setenv(key, value)
     assert distribute.slurm_tasks() == 2
     assert distribute._cluster(distribute.slurm_cluster_resolver()) == want
+
+
+@pytest.mark.slow
+def test_a_worker_that_loses_its_peer_says_which_and_where_to_resume(tmp_path):
+    """kill -9 of worker 1 mid-run: worker 0 (TensorFlow's heartbeat notices within seconds)
+    exits 1 with one message naming worker 1 and the last checkpoint."""
+    workers = start_workers(tmp_path / "run", "trainer.max_steps=100000", "trainer.log_every_steps=10",
+                            "checkpoint.save_every_steps=20", "data.step_sleep=0.02")
+    wait_for_line(workers[0], "saved checkpoint")
+    workers[1].kill()
+    (code0, out0), _ = finish(workers, timeout=180)
+    assert code0 == 1, out0[-3000:]
+    assert "worker 0 lost contact with worker 1" in out0 and "start every worker again" in out0, out0[-3000:]
+    assert "The last checkpoint is" in out0
