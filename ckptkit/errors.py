@@ -23,8 +23,11 @@ class ConfigError(CkptkitError, ValueError):
     """A config key is unknown, has the wrong type, or holds a value out of range."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"config key `{key}`: {message}")
+
+    def __reduce__(self):  # picklable (a sweep's job in another process hands it back)
+        return (type(self), (self.key, self.message))
 
 
 class CheckpointNotFoundError(CkptkitError, FileNotFoundError):

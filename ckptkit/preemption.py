@@ -60,6 +60,14 @@ class _Stop:
     def _arg(self):
         return str(self)
 
+    def __reduce__(self):
+        # Pickled across processes (a sweep's job in a joblib worker hands its exception to
+        # the sweep): rebuilt from its fields, not from the exit code SystemExit holds.
+        import functools
+
+        return (functools.partial(type(self), complete=self.complete, trained=self.trained, detail=self.detail),
+                (self.signum, self.step, self.path))
+
     def __str__(self) -> str:
         why = (signal.Signals(self.signum).name if self.signum is not None
                else "another worker's preemption")

@@ -82,3 +82,20 @@ def test_interrupted_and_preempted_say_the_same(tmp_path):
     b = Preempted(signal.SIGINT, 12, "runs/x/checkpoints/ckpt-12")
     assert str(a) == str(b) and "stopped by SIGINT at step 12" in str(a)
     assert b.code == 75 and isinstance(a, KeyboardInterrupt) and not isinstance(a, SystemExit)
+
+
+def test_stop_exceptions_and_config_errors_cross_processes():
+    """A sweep's job in a joblib worker hands its exception to the sweep by pickle; one that
+    cannot be rebuilt there breaks the worker pool, which kills the other jobs mid-save."""
+    import pickle
+
+    import ckptkit
+    from ckptkit.preemption import Interrupted, Preempted
+
+    done = pickle.loads(pickle.dumps(Preempted(signal.SIGTERM, 5, "p", complete=True, detail="d")))
+    assert (done.code, done.step, done.path, done.complete, done.detail) == (0, 5, "p", True, "d")
+    stopped = pickle.loads(pickle.dumps(Preempted(signal.SIGTERM, 7, "q")))
+    assert stopped.code == 75 and str(stopped) == str(Preempted(signal.SIGTERM, 7, "q"))
+    assert pickle.loads(pickle.dumps(Interrupted(signal.SIGINT, 3, "r"))).step == 3
+    err = pickle.loads(pickle.dumps(ckptkit.ConfigError("trainer.max_steps", "is bad")))
+    assert err.key == "trainer.max_steps" and str(err) == "config key `trainer.max_steps`: is bad"

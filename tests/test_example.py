@@ -215,3 +215,33 @@ def test_run_dir_on_an_object_store_end_to_end(tmp_path):
     assert "exported SavedModel version 1 to ram://runs/digits/export/1" in out
     assert (tmp_path / "outputs" / "ram" / "runs" / "digits" / ".hydra" / "config.yaml").exists()
     assert not (tmp_path / "ram:").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_joblib_sweep_stops_every_job_with_a_save(tmp_path):
+    """The sweep process only waits for its jobs (each in a joblib worker process): SIGTERM
+    to it reaches the running jobs, which save and stop, and the sweep exits 75; nothing is
+    left training, no run lock is left held."""
+    import fcntl
+
+    sweep = ["-m", "optim.lr=1e-3,3e-3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+             "trainer.max_steps=100000", "trainer.log_every_steps=200", "trainer.eval_every_steps=null",
+             "checkpoint.save_every_steps=100000", "export.enabled=false"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, EXAMPLE, *sweep], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+    lines = wait_for_line(proc, "training digits from")
+    lines += wait_for_line(proc, "training digits from")  # both jobs train
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    out = "".join(lines) + out
+    assert proc.returncode == 75, out[-3000:]
+    assert out.count("stopped by SIGTERM at step") == 2, out[-3000:]
+    jobs = [p for p in (tmp_path / "runs" / "digits").iterdir() if p.is_dir() and "optim.lr" in p.name]
+    assert len(jobs) == 2
+    for job in jobs:
+        assert steps_on_disk(job / "checkpoints"), job  # the stop's save
+        for lock in job.glob(".ckptkit.lock"):
+            with open(lock) as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: no job holds it any more
+    assert "saved and stopped" in out
