@@ -93,7 +93,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_at_random_instants_always_resumes(tmp_path):
-    """10 SIGKILLs at random instants of a run that saves every 4 steps: each relaunch
+    """6 SIGKILLs at random instants of a run that saves every 4 steps: each relaunch
     resumes from the newest checkpoint that was complete, losing at most one save period,
     and the run then finishes with exactly the weights of an uninterrupted run."""
     rng = random.Random(1234)
@@ -105,7 +105,7 @@ def test_kill_9_at_random_instants_always_resumes(tmp_path):
     straight = result_of(out)
     run_dir = tmp_path / "killed"
     kills = 0
-    while kills < 10:
+    while kills < 6:
         proc = start(run_dir, *common)
         lines = wait_for_line(proc, "training toy from step")
         time.sleep(rng.uniform(0.0, 0.8))
@@ -129,7 +129,7 @@ def test_kill_9_at_random_instants_always_resumes(tmp_path):
     # The last relaunch resumes from the newest complete checkpoint the kills left (whether
     # the last killed launch got to save depends on where its kill fell: 0.3-0.5 s pass
     # between "training from" and the first save of a relaunch on this machine).
-    assert kills == 10 and final["step"] == 3000 and final["resumed_from"] == on_disk[-1] > 0
+    assert kills == 6 and final["step"] == 3000 and final["resumed_from"] == on_disk[-1] > 0
     assert final["model"] == straight["model"] and final["optimizer"] == straight["optimizer"]
 
 
