@@ -154,7 +154,7 @@ class Paths:
     named_layers: Dict[str, Tuple[Optional[str], ...]]  # object-graph path -> name per naming
 
 
-def _walk(root, children: Callable, full_name: Callable, namings: Sequence[Callable]) -> Paths:
+def _walk(root, root_identity, children: Callable, full_name: Callable, namings: Sequence[Callable]) -> Paths:
     """Breadth-first over an object graph from ``root``; the shortest object-graph path wins.
 
     ``children(node)`` yields ``(edge, child, identity)``. ``full_name(node)`` is None for
@@ -167,7 +167,7 @@ def _walk(root, children: Callable, full_name: Callable, namings: Sequence[Calla
     found: List[Tuple[str, object, Tuple[str, ...]]] = []
     named: Dict[str, Tuple[Optional[str], ...]] = {}
     queue = collections.deque([(root, ROOT, (ROOT,) * n, None)])
-    seen = set()
+    seen = {root_identity}
     while queue:
         node, raw, paths, in_list = queue.popleft()
         for edge, child, identity in children(node):
@@ -241,7 +241,7 @@ def checkpoint_paths(prefix: str, layer_names: Optional[Mapping[str, str]] = Non
         return _own_layer_name([full_name(c.node_id) for c in graph.nodes[node_id].children
                                 if value[c.node_id] is not None])
 
-    paths = _walk(start, children, full_name, [naming])
+    paths = _walk(start, start, children, full_name, [naming])
     paths.by_naming[0] = {p: value[node_id].checkpoint_key for p, node_id in paths.by_naming[0].items()}
     return paths
 
@@ -324,7 +324,7 @@ def _model_walk(model) -> Paths:
         return _own_layer_name([variable_name(c) for c in view.children(obj).values()
                                 if _is_variable(c)])
 
-    return _walk(model, children, full_name, [real_name, carried_name])
+    return _walk(model, id(model), children, full_name, [real_name, carried_name])
 
 
 def model_variable_paths(model) -> Dict[str, object]:
@@ -619,7 +619,12 @@ class _KerasFile:
                     raise CheckpointNotFoundError(
                         f"{path} is a .keras archive without model.weights.h5 (the weights of a "
                         "Keras 3 model); it holds: " + ", ".join(archive.namelist()[:10]))
-                with archive.open("model.weights.h5") as member:
+                info = archive.getinfo("model.weights.h5")
+                if info.file_size > 100 * max(info.compress_size, 1):  # weights barely compress
+                    raise CheckpointNotFoundError(
+                        f"{path}: model.weights.h5 would expand {info.compress_size} bytes to "
+                        f"{info.file_size}; not a weights file Keras wrote (refused)")
+                with archive.open(info) as member:
                     return io.BytesIO(member.read())
         except (zipfile.BadZipFile, tf.errors.OpError) as exc:  # OpError: seeking before the start
             reason = getattr(exc, "message", None) or str(exc)
