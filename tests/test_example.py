@@ -230,8 +230,8 @@ def test_sigterm_to_a_joblib_sweep_stops_every_job_with_a_save(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.Popen([sys.executable, EXAMPLE, *sweep], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
-    lines = wait_for_line(proc, "training digits from")
-    lines += wait_for_line(proc, "training digits from")  # both jobs train
+    lines = wait_for_line(proc, "step 200/100000")
+    lines += wait_for_line(proc, "step 200/100000")  # both jobs have trained (each logs step 200 once)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=180)
     out = "".join(lines) + out

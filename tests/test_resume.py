@@ -1,5 +1,7 @@
 """Exact resume and preemption, in real subprocesses with real signals."""
 
+import json
+import os
 import random
 import signal
 import time
@@ -213,3 +215,32 @@ def test_rng_best_and_elapsed_time_are_checkpointed(tmp_path):
     assert (second.rng.state.numpy() == state).all()
     assert second.train_state.best() == (0.0, 5)
     assert r2.elapsed_seconds == pytest.approx(r1.elapsed_seconds) and r1.elapsed_seconds > 0
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_requeues_after_the_save(tmp_path, monkeypatch):
+    """submitit's own timeout signal (SIGUSR2) to a job: ckptkit saves at the step reached,
+    then hands the signal to submitit's handler, which requeues the job; the requeued job
+    resumes from that checkpoint and finishes."""
+    submitit = pytest.importorskip("submitit")
+    from submitit_job import ToyJob
+
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    executor = submitit.LocalExecutor(folder=str(tmp_path / "submitit"))
+    executor.update_parameters(timeout_min=10)
+    run_dir = str(tmp_path / "run")
+    overrides = {"trainer.max_steps": 300, "trainer.steps_per_loop": 2, "trainer.eval_every_steps": None,
+                 "checkpoint.save_every_steps": 1000, "data.step_sleep": 0.02}
+    job = executor.submit(ToyJob(), run_dir, overrides)
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.exists(os.path.join(run_dir, "ckptkit_run.yaml")):
+        time.sleep(0.2)
+    time.sleep(1.0)  # training
+    with open(os.path.join(run_dir, ".ckptkit.lock")) as f:  # the training process
+        pid = json.load(f)["pid"]
+    os.kill(pid, signal.SIGUSR2)  # what SLURM sends signal_delay_s before the time limit
+    result = job.result()
+    saved = [c.step for c in metadata.scan(os.path.join(run_dir, "checkpoints"))]
+    assert result["step"] == 300 and 0 < result["resumed_from"] < 300, result
+    assert result["resumed_from"] in saved
