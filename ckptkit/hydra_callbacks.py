@@ -26,19 +26,25 @@ from ckptkit.runlock import LOCK_FILE, _parse
 
 log = logging.getLogger("ckptkit")
 
+# ckptkit.preemption's exit codes, without importing TensorFlow into the sweep's process
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
+
+
+def _ppid(pid: int) -> int:
+    """The parent of process ``pid`` (from /proc), 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:
     for _ in range(64):
         if pid == ancestor:
             return True
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
+        pid = _ppid(pid)
         if pid <= 1:
             return False
     return False
@@ -46,16 +52,8 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 
 def _children() -> Set[int]:
     """This process's child processes (from /proc)."""
-    me, out = os.getpid(), set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
-                        out.add(int(name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return out
+    me = os.getpid()
+    return {int(name) for name in os.listdir("/proc") if name.isdigit() and _ppid(int(name)) == me}
 
 
 def running_jobs(root: str, depth: int = 4) -> Set[int]:
