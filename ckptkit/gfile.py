@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import IO, Iterator, List, NamedTuple, Tuple
+from typing import IO, List, NamedTuple, Tuple
 
 
 def is_local(path: str) -> bool:
@@ -67,21 +67,3 @@ def open_file(path: str, mode: str = "r") -> IO:
     if is_local(path):
         return open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
     return _tf_gfile().GFile(path, mode)
-
-
-def makedirs(path: str) -> None:
-    if is_local(path):
-        os.makedirs(path, exist_ok=True)
-    else:
-        _tf_gfile().makedirs(path)
-
-
-def remove(path: str) -> None:
-    if is_local(path):
-        os.remove(path)
-    else:
-        _tf_gfile().remove(path)
-
-
-def walk(top: str) -> Iterator[Tuple[str, List[str], List[str]]]:
-    return os.walk(top) if is_local(top) else _tf_gfile().walk(top)
