@@ -32,7 +32,6 @@ from ckptkit.checkpointer import Checkpointer
 from ckptkit.config import RunConfig, load_config
 from ckptkit.errors import (
     CheckpointMismatchError,
-    CheckpointNotFoundError,
     CheckpointSaveError,
     CkptkitError,
     ConfigError,
@@ -61,7 +60,7 @@ from ckptkit.runlock import RunLock, claim_checkpoint_dir
 from ckptkit.state import TrainState
 from ckptkit.iterator_state import peek
 from ckptkit.summaries import NoSummaries, SummaryWriters, flat_hparams
-from ckptkit.transfer import (RestoreReport, is_keras_file, resolve_source, restore_optimizer, restore_partial,
+from ckptkit.transfer import (RestoreReport, locate_source, restore_optimizer, restore_partial,
                               unreachable_variables)
 
 log = logging.getLogger("ckptkit")
@@ -493,12 +492,7 @@ class Trainer:
                               f"resume from ({found[-1].path}); raise it, or set "
                               "checkpoint.resume=never to start over")
         if c.init_from.path and not found:
-            path = c.init_from.path
-            if is_keras_file(path):
-                if not tf.io.gfile.exists(path):
-                    raise CheckpointNotFoundError(f"checkpoint.init_from.path={path}: nothing exists there")
-            else:
-                resolve_source(path, c.init_from.which)
+            locate_source(c.init_from.path, c.init_from.which)
 
     def _fit(self) -> FitResult:
         self._precheck()

@@ -99,6 +99,17 @@ def resolve_source(path: str, which: str = "latest") -> str:
         "checkpoints or a SavedModel directory" + _what_to_pass_instead(path))
 
 
+def locate_source(path: str, which: str = "latest") -> str:
+    """What a warm start from ``path`` reads: a Keras weights file as it is (it must exist),
+    else the checkpoint prefix :func:`resolve_source` finds. Cheap: names and listings only,
+    so ``fit()`` calls it before building the model."""
+    if is_keras_file(path):
+        if not tf.io.gfile.exists(path):
+            raise CheckpointNotFoundError(f"{path!r}: nothing exists at that path")
+        return path
+    return resolve_source(path, which)
+
+
 def _what_to_pass_instead(path: str) -> str:
     """A sentence for the files people pass where a checkpoint prefix is meant."""
     name = os.path.basename(path.rstrip("/"))
@@ -122,11 +133,6 @@ def _what_to_pass_instead(path: str) -> str:
 def has_object_graph(prefix: str) -> bool:
     """TF2 object-based checkpoints carry their object graph; TF1 Saver checkpoints do not."""
     return tf.train.load_checkpoint(prefix).has_tensor(_GRAPH_KEY)
-
-
-def checkpoint_name_paths(prefix: str) -> Dict[str, str]:
-    """For a TF1 name-based checkpoint: variable name -> key (the same string)."""
-    return {name: name for name, _ in tf.train.list_variables(prefix)}
 
 
 # --- paths -----------------------------------------------------------------------------
@@ -209,20 +215,20 @@ def _own_layer_name(variable_names: Sequence[str]) -> Optional[str]:
     return owners.pop() if len(owners) == 1 else None
 
 
-def _checkpoint_graph(prefix: str):
-    reader = tf.train.load_checkpoint(prefix)
+def _checkpoint_graph(prefix: str, reader=None):
+    reader = reader or tf.train.load_checkpoint(prefix)
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
     graph.ParseFromString(reader.get_tensor(_GRAPH_KEY))
     return graph
 
 
-def checkpoint_paths(prefix: str, layer_names: Optional[Mapping[str, str]] = None) -> Paths:
+def checkpoint_paths(prefix: str, layer_names: Optional[Mapping[str, str]] = None, *, graph=None) -> Paths:
     """The variables of ``prefix`` under ``model`` (the whole graph if the root has no child
     ``model``): path -> checkpoint key. A listed layer is named by ``layer_names``
     (object-graph path -> name, as ckptkit records it next to a checkpoint), else by the
     names its own variables carry; a layer with no variables of its own and no record keeps
-    its position."""
-    graph = _checkpoint_graph(prefix)
+    its position. ``graph``: the checkpoint's object graph, if already parsed."""
+    graph = graph or _checkpoint_graph(prefix)
     start = next((c.node_id for c in graph.nodes[0].children if c.local_name == ROOT), 0)
     value = {i: next((a for a in node.attributes if a.name == _VALUE_ATTR), None)
              for i, node in enumerate(graph.nodes)}
@@ -363,13 +369,14 @@ def recorded_layer_names(prefix: str) -> Dict[str, str]:
     return {}
 
 
-def unreachable_variables(model) -> List[str]:
-    """Names of the model's variables that its object graph does not reach.
+def unreachable_variables(model, reached=None) -> List[str]:
+    """Names of the model's variables that its object graph does not reach (``reached``:
+    the variables a walk of it found, if already walked).
 
     Such variables are not written by path into a checkpoint (at best through the
     optimizer), so a model-only restore would silently leave them as they are.
     """
-    reachable = {id(v) for v in model_variable_paths(model).values()}
+    reachable = {id(v) for v in (model_variable_paths(model).values() if reached is None else reached)}
     return [getattr(v, "path", None) or v.name for v in getattr(model, "variables", [])
             if id(v) not in reachable]
 
@@ -410,22 +417,23 @@ def _flat_variable_list(paths: Mapping[str, str]) -> bool:
     return bool(paths) and all(re.fullmatch(rf"{ROOT}/[^/]+/\d+", p) for p in paths)
 
 
-def checkpoint_specs(prefix: str) -> Dict[str, Entry]:
+def checkpoint_specs(prefix: str, reader=None) -> Dict[str, Entry]:
     """Variable path -> Entry: layer-name paths under ``model/`` for TF2 checkpoints and
-    SavedModels, variable names for TF1 name-based checkpoints and flat variable lists."""
-    reader = tf.train.load_checkpoint(prefix)
+    SavedModels, variable names for TF1 name-based checkpoints and flat variable lists.
+    ``reader``: the checkpoint's reader, if already open."""
+    reader = reader or tf.train.load_checkpoint(prefix)
     shapes = reader.get_variable_to_shape_map()
     dtypes = reader.get_variable_to_dtype_map()
 
     def spec(key):
         return tf.TensorShape(shapes[key]), dtypes[key]
 
-    if not has_object_graph(prefix):
-        return {name: Entry(name, spec(name)) for name in checkpoint_name_paths(prefix)}
-    walked = checkpoint_paths(prefix, recorded_layer_names(prefix))
+    if not reader.has_tensor(_GRAPH_KEY):  # a TF1 name-based checkpoint
+        return {name: Entry(name, spec(name)) for name in shapes}
+    graph = _checkpoint_graph(prefix, reader)
+    walked = checkpoint_paths(prefix, recorded_layer_names(prefix), graph=graph)
     keys, raw = walked.by_naming[0], walked.raw[0]
     if _flat_variable_list(keys):
-        graph = _checkpoint_graph(prefix)
         names = {a.checkpoint_key: a.full_name for node in graph.nodes for a in node.attributes
                  if a.name == _VALUE_ATTR and a.full_name}
         if all(k in names for k in keys.values()):
@@ -689,26 +697,24 @@ def restore_partial(
     checked by count over all of the model's variables: anything missing, mismatched or
     unreachable is one error listing each, and nothing is assigned.
     """
-    if is_keras_file(path):
-        if not tf.io.gfile.exists(path):
-            raise CheckpointNotFoundError(f"{path!r}: nothing exists at that path")
-        keras_file = _KerasFile(path)
-        prefix, source, read = path, keras_file.entries(), keras_file.read
-        log.info("%s is a Keras weights file: matching layers by the names it records", path)
+    prefix = locate_source(path, which)
+    if is_keras_file(prefix):
+        keras_file = _KerasFile(prefix)
+        source, read = keras_file.entries(), keras_file.read
+        log.info("%s is a Keras weights file: matching layers by the names it records", prefix)
         target, variables = _target(model, False, keras_layer_aliases(model))
     else:
-        prefix = resolve_source(path, which)
-        source = checkpoint_specs(prefix)
-        read = tf.train.load_checkpoint(prefix).get_tensor
+        reader = tf.train.load_checkpoint(prefix)
+        source, read = checkpoint_specs(prefix, reader), reader.get_tensor
         names_only = by_variable_name(source)
         if names_only:
             log.info("%s is matched by variable name (%s)", prefix,
-                     "a name-based TF1 checkpoint" if not has_object_graph(prefix)
+                     "a name-based TF1 checkpoint" if not reader.has_tensor(_GRAPH_KEY)
                      else "a SavedModel that lists its variables without structure")
         target, variables = _target(model, names_only)
     report, matches = plan_restore(source, target, include=include, exclude=exclude,
                                    rename=rename, source_name=prefix)
-    hidden = unreachable_variables(model)
+    hidden = unreachable_variables(model, variables.values())
     if strict and (report.missing_in_checkpoint or report.mismatched or hidden):
         problems = [f"{p}: missing in checkpoint" for p in report.missing_in_checkpoint]
         problems += [f"{p}: {why}" for p, why in report.mismatched]
