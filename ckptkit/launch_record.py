@@ -39,6 +39,15 @@ def _hydra_dir(run_dir: str) -> Optional[str]:
     return os.path.join(out, sub)
 
 
+def _copy_yaml(source: str, target: str) -> None:
+    """The real ``*.yaml`` files of ``source`` into ``target``, each replaced atomically."""
+    for name in storage.listdir(source):
+        path = os.path.join(source, name)
+        if name.endswith(".yaml") and storage.is_real_file(path):
+            with open(path, "rb") as f:
+                storage.atomic_write_text(os.path.join(target, name), f.read().decode("utf-8"))
+
+
 def keep(run_dir: str) -> None:
     """Copy this (accepted) launch's ``.hydra/*.yaml`` aside, as the run's record."""
     source = _hydra_dir(run_dir)
@@ -46,11 +55,7 @@ def keep(run_dir: str) -> None:
         return
     kept = os.path.join(run_dir, KEPT_DIR)
     os.makedirs(kept, exist_ok=True)
-    for name in storage.listdir(source):
-        if name.endswith(".yaml") and storage.is_real_file(os.path.join(source, name)):
-            with open(os.path.join(source, name), "rb") as f:
-                data = f.read()
-            storage.atomic_write_text(os.path.join(kept, name), data.decode("utf-8"))
+    _copy_yaml(source, kept)
 
 
 def restore(run_dir: str) -> None:
@@ -59,11 +64,7 @@ def restore(run_dir: str) -> None:
     kept = os.path.join(run_dir, KEPT_DIR)
     if target is None or not storage.is_real_dir(kept) or not storage.is_real_dir(target):
         return
-    for name in storage.listdir(kept):
-        path = os.path.join(kept, name)
-        if name.endswith(".yaml") and storage.is_real_file(path):
-            with open(path, "rb") as f:
-                storage.atomic_write_text(os.path.join(target, name), f.read().decode("utf-8"))
+    _copy_yaml(kept, target)
     log.debug("restored %s from %s: this launch was refused", target, kept)
 
 
