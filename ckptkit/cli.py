@@ -124,6 +124,7 @@ def cmd_export(args) -> int:
     from omegaconf import OmegaConf
 
     from ckptkit import runinfo
+    from ckptkit.config import anchored
 
     run_dir = os.path.abspath(args.run_dir)
     record = runinfo.read_run_record(run_dir)
@@ -139,8 +140,8 @@ def cmd_export(args) -> int:
         value = str(OmegaConf.select(cfg, key))
         if value == old_run_dir or value.startswith(old_run_dir.rstrip("/") + "/"):
             OmegaConf.update(cfg, key, run_dir + value[len(old_run_dir):])
-        elif not os.path.isabs(value) and "://" not in value:
-            OmegaConf.update(cfg, key, os.path.join(record.get("cwd", ""), value))
+        else:
+            OmegaConf.update(cfg, key, anchored(record.get("cwd", ""), value))
     # What the export does goes to stderr: "reusing export N (same checkpoint, same
     # signatures)", or the check and the new version; stdout is the path alone.
     logger = logging.getLogger("ckptkit")

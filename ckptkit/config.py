@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf import BooleanNode, EnumNode, FloatNode, IntegerNode, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
+from ckptkit import gfile
 from ckptkit.errors import ConfigError
 
 OWNED_GROUPS = ("trainer", "checkpoint", "export", "strategy")
@@ -319,13 +320,13 @@ def load_config(cfg: Union[Mapping[str, Any], DictConfig]) -> tuple[RunConfig, D
         if job_dir:  # the base is resolved first: checkpoint.dir etc. follow the job's run_dir
             full.run_dir = f"{str(full.run_dir).rstrip('/')}/{job_dir}"
         if launched_in:
-            full.run_dir = _from(launched_in, str(full.run_dir))
+            full.run_dir = anchored(launched_in, str(full.run_dir))
         OmegaConf.resolve(full)
     except OmegaConfBaseException as exc:
         raise _config_error(exc) from None
     if launched_in:  # paths given relative are relative to where the command was typed
-        full.checkpoint.dir = _from(launched_in, str(full.checkpoint.dir))
-        full.export.dir = _from(launched_in, str(full.export.dir))
+        full.checkpoint.dir = anchored(launched_in, str(full.checkpoint.dir))
+        full.export.dir = anchored(launched_in, str(full.export.dir))
     _warn_if_hydra_writes_elsewhere(str(full.run_dir))
     export = OmegaConf.to_container(full.export, enum_to_str=True)
     export["from_"] = export.pop("from")
@@ -351,7 +352,7 @@ def hydra_dir(run_dir: str) -> str:
     which Hydra can only write as a local path, ``outputs/gs/bucket/runs/x`` under the launch
     directory (Hydra's own default root), instead of ``./gs:/bucket/...``."""
     run_dir = str(run_dir)
-    if "://" not in run_dir:
+    if gfile.is_local(run_dir):
         return run_dir
     scheme, _, rest = run_dir.partition("://")
     return os.path.join("outputs", scheme, rest.strip("/"))
@@ -369,8 +370,9 @@ def _launch_dir() -> Optional[str]:
     return original if original and os.path.abspath(original) != os.path.abspath(os.getcwd()) else None
 
 
-def _from(base: str, path: str) -> str:
-    return path if "://" in path or os.path.isabs(path) else os.path.join(base, path)
+def anchored(base: str, path: str) -> str:
+    """``path`` if it is absolute or a URL, else ``path`` under ``base``."""
+    return path if not gfile.is_local(path) or os.path.isabs(path) else os.path.join(base, path)
 
 
 def _warn_if_hydra_writes_elsewhere(run_dir: str) -> None:
@@ -379,7 +381,7 @@ def _warn_if_hydra_writes_elsewhere(run_dir: str) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or "://" in run_dir:
+    if not HydraConfig.initialized() or not gfile.is_local(run_dir):
         return
     hc = HydraConfig.get()
     if hc.mode != RunMode.RUN or not hc.runtime.output_dir:

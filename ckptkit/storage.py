@@ -39,8 +39,7 @@ def _tf():
     return tf
 
 
-def is_local(path: str) -> bool:
-    return "://" not in path
+is_local = gfile.is_local  # a path without a scheme (gs://, ram://)
 
 
 def temporary_name(path: str) -> str:

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from ckptkit import metadata
+from ckptkit import gfile, metadata
 from ckptkit._compat import patch_keras_checkpoint_children
 from ckptkit.errors import CheckpointMismatchError, CheckpointNotFoundError
 
@@ -611,7 +611,7 @@ class _KerasFile:
         try:
             if path.endswith(".keras"):
                 self._file = h5py.File(self._weights_of_archive(path), "r")
-            elif "://" in path:  # h5py reads local files; anything else is read into memory
+            elif not gfile.is_local(path):  # h5py reads local files; anything else is read into memory
                 with tf.io.gfile.GFile(path, "rb") as f:
                     self._file = h5py.File(io.BytesIO(f.read()), "r")
             else:
