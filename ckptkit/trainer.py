@@ -100,6 +100,11 @@ def _ensure_logging() -> None:
         log.propagate = False  # a root handler added later (basicConfig) must not double lines
 
 
+def _below_saved_step(max_steps: int, step: int, how: str, where: str) -> ConfigError:
+    return ConfigError("trainer.max_steps", f"is {max_steps}, below step {step} that the run {how} "
+                       f"from ({where}); raise it, or set checkpoint.resume=never to start over")
+
+
 def _features(batch):
     """The model input of a batch: the first element of a tuple/list, else the batch."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -487,10 +492,7 @@ class Trainer:
         # here only when every one of them is past max_steps (readability is known only by
         # reading every tensor, which is what resume does).
         if found and found[0].step > max_steps:
-            raise ConfigError("trainer.max_steps",
-                              f"is {max_steps}, below step {found[-1].step} that the run would "
-                              f"resume from ({found[-1].path}); raise it, or set "
-                              "checkpoint.resume=never to start over")
+            raise _below_saved_step(max_steps, found[-1].step, "would resume", found[-1].path)
         if c.init_from.path and not found:
             locate_source(c.init_from.path, c.init_from.which)
 
@@ -507,10 +509,7 @@ class Trainer:
         step_now = int(self.global_step.numpy())
         self._stop_if_requested(step_now)
         if resumed_from is not None and step_now > s.trainer.max_steps:
-            raise ConfigError("trainer.max_steps",
-                              f"is {s.trainer.max_steps}, below step {step_now} that the run "
-                              f"resumed from ({self.checkpointer.directory}); raise it, or set "
-                              "checkpoint.resume=never to start over")
+            raise _below_saved_step(s.trainer.max_steps, step_now, "resumed", self.checkpointer.directory)
         self._accept_launch()
         eval_ds = self.eval_dataset()
         if s.checkpoint.best.metric and eval_ds is None:
