@@ -47,6 +47,7 @@ from ckptkit.policies import (
     KeepEveryNHours,
     KeepNewest,
     RetentionPolicy,
+    metric_value,
     rank_best,
 )
 
@@ -168,7 +169,7 @@ class Checkpointer:
 
     def best_value(self) -> float | None:
         b = self.best
-        return None if b is None else float(b.metrics[self.best_metric])
+        return None if b is None or not self.best_metric else metric_value(b, self.best_metric)
 
     # --- saving --------------------------------------------------------------------------
 
@@ -182,7 +183,7 @@ class Checkpointer:
         step = int(step)
         self._raise_background_error()
         if self.worker_dir:
-            return self._save_as_worker(step)
+            return self._save_as_worker(step, self.worker_dir)
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         prefix = metadata.checkpoint_prefix(self.directory, step)
         with self._lock:
@@ -210,7 +211,7 @@ class Checkpointer:
             layer_names=self._layer_names(),
         )
         returned = threading.Event()  # set once write() returned and blocking time is known
-        timing = {}
+        timing: dict[str, float] = {}
         options = tf.train.CheckpointOptions(
             enable_async=self.async_save,
             experimental_write_callbacks=[lambda _path: self._on_written(info, started, returned, timing)],
@@ -304,23 +305,25 @@ class Checkpointer:
             )
         return removed
 
-    def _save_as_worker(self, step: int) -> str:
-        """A non-chief worker's part in the save of ``step``; returns the chief's path."""
+    def _save_as_worker(self, step: int, worker_dir: str) -> str:
+        """A non-chief worker's part in the save of ``step``, written into ``worker_dir``;
+        returns the chief's path."""
         chief_path = metadata.checkpoint_prefix(self.directory, step)
         with self._lock:
             known = step in self._records
         if known or step in self._worker_saved:  # the chief skips this save too
             return chief_path
         self._worker_saved.add(step)
-        tf.io.gfile.makedirs(self.worker_dir)
+        tf.io.gfile.makedirs(worker_dir)
         if self._iterators:
             self._checkpoint.sync()
             for it in self._iterators:
                 it.snapshot()
         options = tf.train.CheckpointOptions(
-            enable_async=self.async_save, experimental_write_callbacks=[lambda _path: self._discard_worker_dir()]
+            enable_async=self.async_save,
+            experimental_write_callbacks=[lambda _path: self._discard_worker_dir(worker_dir)],
         )
-        prefix = metadata.checkpoint_prefix(self.worker_dir, step)
+        prefix = metadata.checkpoint_prefix(worker_dir, step)
         try:
             self._checkpoint.write(prefix, options=options)
         except Exception as exc:  # noqa: BLE001 - re-raised with the path named
@@ -329,12 +332,12 @@ class Checkpointer:
             ) from exc
         return chief_path
 
-    def _discard_worker_dir(self) -> None:
+    def _discard_worker_dir(self, worker_dir: str) -> None:
         try:
-            storage.remove_tree(self.worker_dir)
+            storage.remove_tree(worker_dir)
         except Exception as exc:  # noqa: BLE001 - surfaced in the training thread
             self._background_error = CheckpointSaveError(
-                f"cannot remove this worker's temporary checkpoint directory {self.worker_dir}: {exc}"
+                f"cannot remove this worker's temporary checkpoint directory {worker_dir}: {exc}"
             )
 
     def _failure(self, prefix: str, exc: object) -> str:

@@ -29,11 +29,12 @@ exit codes: 0 success, 1 error (one line; --debug for the traceback), 2 bad usag
 def _human(n: int | None) -> str:
     if n is None:
         return "?"
+    size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
 
 
 def checkpoint_dir_of(path: str) -> str:
@@ -137,10 +138,15 @@ def cmd_export(args) -> int:
 
     from ckptkit import runinfo
     from ckptkit.config import anchored
+    from ckptkit.errors import CkptkitError
 
     run_dir = os.path.abspath(args.run_dir)
     record = runinfo.read_run_record(run_dir)
     where = record.get("trainer") or {}
+    if not where.get("qualname") or "config" not in record:
+        raise CkptkitError(
+            f"{run_dir}/{runinfo.RUN_FILE} names no trainer class and config: it is not a complete ckptkit run record"
+        )
     print(
         f"ckptkit: importing trainer {where.get('qualname')} from "
         f"{where.get('file') or where.get('module')} (named in {run_dir}/{runinfo.RUN_FILE})",

@@ -19,11 +19,11 @@ import logging
 import math
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import BooleanNode, DictConfig, EnumNode, FloatNode, IntegerNode, OmegaConf, StringNode
+from omegaconf import BooleanNode, DictConfig, EnumNode, FloatNode, IntegerNode, OmegaConf, StringNode, ValueNode
 from omegaconf.errors import OmegaConfBaseException
 
 from ckptkit import gfile
@@ -168,12 +168,17 @@ class RunConfig:
     strategy: StrategyConfig
 
 
-_NODE_TYPES = {str: StringNode, bool: BooleanNode, int: IntegerNode, float: FloatNode}
+_NODE_TYPES: dict[type, Callable[..., ValueNode]] = {
+    str: StringNode,
+    bool: BooleanNode,
+    int: IntegerNode,
+    float: FloatNode,
+}
 
 
 def _export_schema() -> DictConfig:
     """The export schema as a typed DictConfig: a dataclass cannot have a field ``from``."""
-    nodes = {}
+    nodes: dict[str, ValueNode] = {}
     hints = typing.get_type_hints(ExportConfig)
     for f in dataclasses.fields(ExportConfig):
         key = "from" if f.name == "from_" else f.name
@@ -216,6 +221,14 @@ def register_configs() -> None:
         cs.store(group=group, name="default", node=node, provider="ckptkit")
 
 
+def to_dict(node: DictConfig, **options: Any) -> dict[str, Any]:
+    """A DictConfig as a plain dict (``options`` as OmegaConf.to_container takes them)."""
+    out = OmegaConf.to_container(node, **options)
+    if not isinstance(out, dict):
+        raise TypeError(f"expected a mapping of settings, got {type(out).__name__}")
+    return {str(k): v for k, v in out.items()}
+
+
 def _as_dictconfig(cfg: Mapping[str, Any] | DictConfig) -> DictConfig:
     if isinstance(cfg, DictConfig):
         return cfg
@@ -241,7 +254,7 @@ def merge_with_schema(cfg: Mapping[str, Any] | DictConfig) -> DictConfig:
     ConfigError naming the full key. User keys are copied unchanged (interpolations intact).
     """
     src = _as_dictconfig(cfg)
-    out = OmegaConf.create(OmegaConf.to_container(src, resolve=False))
+    out = OmegaConf.create(to_dict(src, resolve=False))
     OmegaConf.set_struct(out, False)
     for group, schema in group_schemas().items():
         given = src.get(group) if group in src else None
@@ -332,7 +345,7 @@ def load_config(cfg: Mapping[str, Any] | DictConfig) -> tuple[RunConfig, DictCon
         full.checkpoint.dir = anchored(launched_in, str(full.checkpoint.dir))
         full.export.dir = anchored(launched_in, str(full.export.dir))
     _warn_if_hydra_writes_elsewhere(str(full.run_dir))
-    export = OmegaConf.to_container(full.export, enum_to_str=True)
+    export = to_dict(full.export, enum_to_str=True)
     export["from_"] = export.pop("from")
     run = RunConfig(
         name=full.get("name"),

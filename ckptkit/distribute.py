@@ -294,7 +294,8 @@ class _ConnectWatchdog:
             self._devnull.close()
             self._devnull = None
         if self._proc is not None:
-            self._proc.stdin.close()  # the cluster is up: the watchdog process exits
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()  # the cluster is up: the watchdog process exits
             self._proc.wait(timeout=10)
             self._proc = None
 

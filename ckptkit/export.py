@@ -31,6 +31,10 @@ from ckptkit.errors import ExportError
 from ckptkit.runlock import pid_alive
 from ckptkit.storage import atomic_write_text
 
+#: A serving signature: a ``tf.function`` with an ``input_signature`` (TensorFlow ships no
+#: type information, so this is ``Any`` to the type checker).
+Signature = Any
+
 log = logging.getLogger("ckptkit")
 
 EXPORT_INFO = "ckptkit_export.json"
@@ -123,7 +127,7 @@ def _mirror(obj, memo: dict[int, Any]):
     return memo[id(obj)]
 
 
-def serving_root(model, signatures: Mapping[str, Callable]):
+def serving_root(model, signatures: Mapping[str, Signature]):
     """What an export saves: the signatures, and the model's state as real ``tf.Variable``s
     and resources under the paths the training checkpoints use (``model/...``).
 
@@ -166,7 +170,7 @@ def _argument_names(fn) -> list[str]:
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def named_signatures(signatures: Mapping[str, Callable], *, cast_outputs_float32: bool = True) -> dict[str, Callable]:
+def named_signatures(signatures: Mapping[str, Signature], *, cast_outputs_float32: bool = True) -> dict[str, Signature]:
     """The signatures as served: named inputs, a dict of named outputs, float32 outputs.
 
     Inputs are named by their TensorSpec's name, else the Python argument's. Outputs: a dict
@@ -232,7 +236,7 @@ def _served(fn: Callable, cast: bool) -> Callable:
     return served
 
 
-def describe(signatures: Mapping[str, Callable]) -> dict[str, Any]:
+def describe(signatures: Mapping[str, Signature]) -> dict[str, Any]:
     """Each signature's inputs and outputs (dtype, shape) as JSON, for the export record."""
     out = {}
     for name in sorted(signatures):
@@ -251,7 +255,7 @@ def describe(signatures: Mapping[str, Callable]) -> dict[str, Any]:
     return out
 
 
-def signature_feeds(signatures: Mapping[str, Callable], sample, rows: int = CHECK_ROWS):
+def signature_feeds(signatures: Mapping[str, Signature], sample, rows: int = CHECK_ROWS):
     """A batch for every signature: ``({signature: {input: array}}, {signature: source})``.
 
     From ``sample`` (a batch's features: one tensor, or a dict by input name), at most
@@ -309,7 +313,7 @@ def _zeros(spec: tf.TensorSpec) -> np.ndarray:
     return np.zeros(shape, dtype=spec.dtype.as_numpy_dtype)
 
 
-def live_outputs(signatures: Mapping[str, Callable], feeds) -> dict[str, dict[str, np.ndarray]]:
+def live_outputs(signatures: Mapping[str, Signature], feeds) -> dict[str, dict[str, np.ndarray]]:
     """What the live model serves for ``feeds``, computed on the CPU as the check process does."""
     out = {}
     with tf.device("/CPU:0"):
@@ -495,7 +499,7 @@ def read_check(version_dir: str, info: Mapping[str, Any]):
 
 def export_saved_model(
     model,
-    signatures: Mapping[str, Callable],
+    signatures: Mapping[str, Signature],
     export_dir: str,
     *,
     info: Mapping[str, Any],
@@ -593,7 +597,7 @@ def _why_not_reuse(version_dir: str, done: Mapping[str, Any], signatures, descri
 def export_checkpoint(
     model,
     source,
-    make_signatures: Callable[[], Mapping[str, Callable]],
+    make_signatures: Callable[[], Mapping[str, Signature]],
     export_dir: str,
     *,
     current_step: int | None,

@@ -78,13 +78,19 @@ def is_shard_temporary(name: str) -> bool:
     return bool(_TEMP_RE.match(name))
 
 
+def _step_in(pattern: re.Pattern[str], name: str) -> int | None:
+    """The step in ``name`` when ``pattern`` (its first group the step) matches it."""
+    m = pattern.match(name)
+    return int(m.group(1)) if m else None
+
+
 def names_in_the_way(directory: str, step: int) -> list[str]:
     """Everything already named like the files a save of ``step`` writes (stale or planted)."""
     base = f"{PREFIX}-{step}"
     return [
         os.path.join(directory, n)
         for n in sorted(storage.listdir(directory))
-        if _is_file_of(n, base) or (_TEMP_RE.match(n) and int(_TEMP_RE.match(n).group(1)) == step)
+        if _is_file_of(n, base) or _step_in(_TEMP_RE, n) == step
     ]
 
 
@@ -187,7 +193,7 @@ def read_document(directory: str) -> dict:
             doc = json.load(f)
         if not isinstance(doc, dict) or not isinstance(doc.get("checkpoints"), list):
             raise ValueError("no list of checkpoints")
-    except (ValueError, UnicodeDecodeError, *gfile.errors()) as exc:
+    except (ValueError, UnicodeDecodeError) + gfile.errors() as exc:
         log.warning(
             "ignoring unreadable checkpoint metadata %s (%s); metrics of existing "
             "checkpoints are unknown until they are saved again",
@@ -268,10 +274,11 @@ def scan(directory: str, *, doc: dict | None = None) -> list[CheckpointInfo]:
             )
             continue
         if local:
-            if any(st is None for st in stats):
+            present = [st for st in stats if st is not None]
+            if len(present) < len(stats):
                 continue  # deleted while we listed
-            size = sum(st.st_size for st in stats)
-            mtime = stats[paths.index(prefix + ".index")].st_mtime
+            size = sum(st.st_size for st in present)
+            mtime = present[paths.index(prefix + ".index")].st_mtime
         else:
             size = sum(gfile.stat(p).length for p in paths)
             mtime = gfile.stat(prefix + ".index").mtime
@@ -297,7 +304,9 @@ def _unfinished(names: Sequence[str]) -> list[str]:
     ``ckpt-<step>_temp`` shard directories and data shards of a step without an index."""
     indexed = {int(m.group(1)) for m in map(_INDEX_RE.match, names) if m}
     return sorted(
-        n for n in names if (_DATA_RE.match(n) and int(_DATA_RE.match(n).group(1)) not in indexed) or _TEMP_RE.match(n)
+        n
+        for n in names
+        if ((data_step := _step_in(_DATA_RE, n)) is not None and data_step not in indexed) or _TEMP_RE.match(n)
     )
 
 

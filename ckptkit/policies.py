@@ -22,7 +22,7 @@ class CheckpointInfo:
     step: int
     path: str
     time: float
-    metrics: Mapping[str, float] | None = None
+    metrics: Mapping[str, float | None] | None = None  # None: not finite when saved
     size: int | None = None
     save_seconds: float | None = None  # from the start of the save to files complete
     blocking_seconds: float | None = None  # how long the save held up training
@@ -114,10 +114,11 @@ class AnySave:
 
 def metric_value(info: CheckpointInfo, metric: str) -> float | None:
     """The checkpoint's value of ``metric``, or None when it is missing or not finite."""
-    if not info.metrics or metric not in info.metrics:
+    raw = info.metrics.get(metric) if info.metrics else None
+    if raw is None:
         return None
     try:
-        value = float(info.metrics[metric])
+        value = float(raw)
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None

@@ -21,10 +21,17 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 import tensorflow as tf
 
 log = logging.getLogger("ckptkit")
+
+#: What ``signal.signal`` takes and returns: a function, SIG_DFL/SIG_IGN, or None (installed
+#: from outside Python).
+Handler = Callable[[int, FrameType | None], Any] | int | None
 
 #: Exit code after a signal-triggered save: "temporary failure, run again" (BSD EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
@@ -54,7 +61,7 @@ def interactive() -> bool:
     return bool(ipython and getattr(ipython, "get_ipython", lambda: None)())
 
 
-class _Stop:
+class _Stop(BaseException):
     """Why and where ``fit()`` stopped after a signal (shared by Preempted and Interrupted)."""
 
     def __init__(
@@ -153,12 +160,12 @@ class PreemptionWatch:
     def __init__(self):
         self.flag = tf.Variable(False, trainable=False, name="ckptkit_stop_requested")
         self.signum: int | None = None
-        self._old_handlers: dict[int, object] = {}
+        self._old_handlers: dict[int, Handler] = {}
         self._old_wakeup = -1
-        self._pipe = None
+        self._pipe: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self._sigints = 0
-        self._chained: dict[int, object] = {}
+        self._chained: dict[int, Handler] = {}
         #: While true, a signal also raises ExportInterrupted in the main thread.
         self.interrupt_python = False
         #: Set when a Ctrl-C stops a script: until the process ends, another Ctrl-C exits
@@ -235,7 +242,8 @@ class PreemptionWatch:
             signal.signal(s, _second_ctrl_c if quiet else handler)
         r, w = self._pipe
         os.close(w)  # the watcher's read returns b"" and it ends
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         os.close(r)
         self._pipe = None
 
@@ -243,7 +251,9 @@ class PreemptionWatch:
         """Hand the signal that stopped the run to the Python handler that was installed for
         it before (call after the save). Python's own Ctrl-C handler is not called: the run
         ends with :class:`Preempted` instead of a KeyboardInterrupt."""
-        handler = self._chained.get(self.signum) if self.signum is not None else None
+        if self.signum is None:
+            return
+        handler = self._chained.get(self.signum)
         if callable(handler) and handler is not signal.default_int_handler:
             log.info(
                 "passing %s on to the handler installed before the run (%s)",

@@ -17,8 +17,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import tensorflow as tf
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from ckptkit.config import to_dict
 from ckptkit.errors import CkptkitError
 from ckptkit.storage import atomic_write_text
 
@@ -40,7 +43,7 @@ def write_run_record(run_dir: str, cls, cfg: DictConfig) -> str:
         "trainer": trainer_location(cls),
         "cwd": os.getcwd(),
         "written": time.time(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": to_dict(cfg, resolve=True),
     }
     tf.io.gfile.makedirs(run_dir)
     path = os.path.join(run_dir, RUN_FILE)
@@ -56,7 +59,15 @@ def read_run_record(run_dir: str) -> Mapping[str, Any]:
             "(or it was trained by a ckptkit older than 0.1)"
         )
     with tf.io.gfile.GFile(path) as f:
-        return OmegaConf.to_container(OmegaConf.create(f.read()))
+        text = f.read()
+    try:
+        record = OmegaConf.create(text)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CkptkitError(f"{path} is not a readable ckptkit run record ({reason})") from None
+    if not isinstance(record, DictConfig):
+        raise CkptkitError(f"{path} is not a ckptkit run record: it holds a list, not a mapping")
+    return to_dict(record)
 
 
 def import_trainer_class(where: Mapping[str, str]):
@@ -74,12 +85,14 @@ def import_trainer_class(where: Mapping[str, str]):
             raise CkptkitError(f"the trainer's file {path} (from the run record) does not exist")
         sys.path.insert(0, os.path.dirname(path))
         spec = importlib.util.spec_from_file_location(f"ckptkit_run_{abs(hash(path))}", path)
+        if spec is None or spec.loader is None:
+            raise CkptkitError(f"the trainer's file {path} (from the run record) is not a Python module")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
     if module is None:
         raise CkptkitError(f"cannot import the trainer's module {module_name!r}")
-    obj = module
+    obj: Any = module
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
         if obj is None:

@@ -42,8 +42,10 @@ from ckptkit.errors import CkptkitError
 
 try:
     import fcntl
+
+    has_flock = True
 except ImportError:  # not on Windows
-    fcntl = None
+    has_flock = False
 
 log = logging.getLogger("ckptkit")
 
@@ -114,22 +116,23 @@ class RunLock:
         os.makedirs(self.run_dir, exist_ok=True)
         for _ in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            locked = False
             try:
-                if self._try_lock(fd):
-                    self._fd, fd = fd, None
-                    self.held = True
-                    self._start_refresh()
-                    return self
+                locked = self._try_lock(fd)
             finally:
-                if fd is not None:
+                if not locked:
                     os.close(fd)
+            if locked:
+                self._fd, self.held = fd, True
+                self._start_refresh(fd)
+                return self
             time.sleep(0.01)  # the file was replaced or released meanwhile: look again
         raise RunLockedError(f"could not take the lock {self.path}; other launches keep racing for it")
 
     def _try_lock(self, fd: int) -> bool:
         """Lock ``fd``; True when this process now holds the run (record written)."""
         locked = False
-        if fcntl is not None:
+        if has_flock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 locked = True
@@ -182,10 +185,10 @@ class RunLock:
         os.fsync(fd)
         return True
 
-    def _start_refresh(self) -> None:
-        """Touch the lock file every ``min(30, lease/4)`` s while it is held (the lease)."""
+    def _start_refresh(self, fd: int) -> None:
+        """Touch the lock file ``fd`` every ``min(30, lease/4)`` s while it is held (the lease)."""
         period = min(30.0, self.lease_seconds / 4)
-        fd, stop = self._fd, self._stop_refresh
+        stop = self._stop_refresh
 
         def refresh():
             while not stop.wait(period):

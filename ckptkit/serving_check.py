@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,8 @@ def pack(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> tuple[bytes, dict]:
     these files are read back from export directories, and nothing read from a run
     directory is ever unpickled.
     """
-    flat, index = {}, {}
+    flat: dict[str, Any] = {}  # arrays by name (Any: savez also has a bool keyword)
+    index: dict[str, dict[str, str]] = {}
     for sig, values in arrays.items():
         index[sig] = {}
         for key, value in values.items():

@@ -51,7 +51,7 @@ def listdir(directory: str) -> list[str]:
     """The names in ``directory`` ([] when it does not exist)."""
     try:
         return gfile.listdir(directory)
-    except (*gfile.not_found(), NotADirectoryError):
+    except gfile.not_found() + (NotADirectoryError,):
         return []
 
 

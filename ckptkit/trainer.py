@@ -31,7 +31,7 @@ from ckptkit import distribute, launch_record, metadata, storage
 from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
-from ckptkit.config import RunConfig, load_config
+from ckptkit.config import RunConfig, load_config, to_dict
 from ckptkit.errors import (
     CheckpointMismatchError,
     CheckpointSaveError,
@@ -108,13 +108,6 @@ def _below_saved_step(max_steps: int, step: int, how: str, where: str) -> Config
         f"is {max_steps}, below step {step} that the run {how} "
         f"from ({where}); raise it, or set checkpoint.resume=never to start over",
     )
-
-
-def _plain(cfg: DictConfig) -> dict[str, Any]:
-    """The config as plain Python (interpolations resolved)."""
-    out = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(out, dict)
-    return {str(k): v for k, v in out.items()}
 
 
 def _features(batch):
@@ -324,7 +317,7 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 - a missing or bad record only loses the diff
             log.warning("cannot compare with the run's previous config (%s)", exc)
             return []
-        changes = config_changes(old or {}, _plain(self.cfg))
+        changes = config_changes(old or {}, to_dict(self.cfg, resolve=True))
         if changes:
             log.warning(
                 "config changed since the run's last launch (%s): %s",
@@ -592,7 +585,7 @@ class Trainer:
         start_step = int(self.global_step.numpy())
         if resumed_from is not None:
             self._summaries.resume_at(start_step)
-        self._summaries.run_info(start_step, OmegaConf.to_yaml(self.cfg), flat_hparams(_plain(self.cfg)))
+        self._summaries.run_info(start_step, OmegaConf.to_yaml(self.cfg), flat_hparams(to_dict(self.cfg, resolve=True)))
         if s.trainer.max_steps == 0 and not self.checkpointer.checkpoints:
             log.info("trainer.max_steps=0: %s converts, it does not train", s.name or self.run_dir)
         elif start_step >= s.trainer.max_steps:

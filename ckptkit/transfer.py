@@ -24,6 +24,7 @@ import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
@@ -167,7 +168,7 @@ class Paths:
     """The variables of a model or checkpoint: path -> leaf (a variable or checkpoint key)
     for each naming asked for, and each path's object-graph path (its alias)."""
 
-    by_naming: list[dict[str, object]]
+    by_naming: list[dict[str, Any]]  # leaves: tf.Variables, checkpoint keys or node ids
     raw: list[dict[str, str]]  # per naming: path -> object-graph path
     named_layers: dict[str, tuple[str | None, ...]]  # object-graph path -> name per naming
 
@@ -182,7 +183,7 @@ def _walk(root, root_identity, children: Callable, full_name: Callable, namings:
     to keep its position. Two variables that would share a path both keep the object-graph one.
     """
     n = len(namings)
-    found: list[tuple[str, object, tuple[str, ...]]] = []
+    found: list[tuple[str, Any, tuple[str, ...]]] = []
     named: dict[str, tuple[str | None, ...]] = {}
     queue = collections.deque([(root, ROOT, (ROOT,) * n, None)])
     seen = {root_identity}
@@ -260,7 +261,8 @@ def checkpoint_paths(prefix: str, layer_names: Mapping[str, str] | None = None, 
         )
 
     paths = _walk(start, start, children, full_name, [naming])
-    paths.by_naming[0] = {p: value[node_id].checkpoint_key for p, node_id in paths.by_naming[0].items()}
+    keys = {node_id: attr.checkpoint_key for node_id, attr in value.items() if attr is not None}
+    paths.by_naming[0] = {p: keys[node_id] for p, node_id in paths.by_naming[0].items()}
     return paths
 
 
@@ -347,7 +349,7 @@ def _model_walk(model) -> Paths:
     return _walk(model, id(model), children, full_name, [real_name, carried_name])
 
 
-def model_variable_paths(model) -> dict[str, object]:
+def model_variable_paths(model) -> dict[str, Any]:
     """Path -> variable for every variable of ``model`` (shortest object-graph path wins)."""
     return _model_walk(model).by_naming[0]
 
@@ -541,13 +543,14 @@ def _rename_between(source: str, target: str) -> tuple[str, str] | None:
 def nearest_hints(report: RestoreReport, limit: int = 10) -> list[str]:
     """For each missing variable the nearest unused checkpoint names, and the renames that
     would map them (most variables first), as lines of an error message."""
-    lines, renames = [], collections.Counter()
+    lines: list[str] = []
+    renames: collections.Counter[tuple[str, str]] = collections.Counter()
     for p in report.missing_in_checkpoint:
         near = difflib.get_close_matches(p, report.unused_in_checkpoint, n=2, cutoff=0.5)
         if near and len(lines) < limit:
             lines.append(f"{p}: nearest in checkpoint: {', '.join(near)}")
-        if near and _rename_between(near[0], p):
-            renames[_rename_between(near[0], p)] += 1
+        if near and (rename := _rename_between(near[0], p)):
+            renames[rename] += 1
     for (old, new), count in renames.most_common(3):
         lines.append(
             f"checkpoint.init_from.rename='{{{old}: {new}}}' would map {count} of them (one command-line override)"
@@ -559,13 +562,13 @@ def _target(
     model,
     names_only: bool,
     extra_aliases: Mapping[int, str] | None = None,
-) -> tuple[dict[str, Entry], dict[str, object]]:
+) -> tuple[dict[str, Entry], dict[str, Any]]:
     """The model's variables as a restore target: path -> Entry, and path -> variable.
     ``extra_aliases`` (id(variable) -> spelling) adds a spelling to each variable's."""
     walked = _model_walk(model)
     variables = walked.by_naming[0]
     if names_only:
-        by_name: dict[str, object] = {}
+        by_name: dict[str, Any] = {}
         for v in variables.values():
             name = variable_name(v)
             if name in by_name:
@@ -781,7 +784,7 @@ def restore_partial(
     return report
 
 
-def _check_filled(model, variables: Mapping[str, object], report: RestoreReport) -> None:
+def _check_filled(model, variables: Mapping[str, Any], report: RestoreReport) -> None:
     """Strict, by count: every variable of the model is restored or skipped by selection."""
     every = {id(v): v for v in (*getattr(model, "variables", ()), *variables.values())}
     accounted = {id(variables[p]) for p in (*report.restored, *report.skipped_by_selection)}
@@ -807,7 +810,9 @@ def restore_optimizer(optimizer, prefix: str) -> None:
             "holds no optimizer state; set checkpoint.init_from.optimizer=false"
         )
     lr = getattr(optimizer, "_learning_rate", None)
-    configured_lr = lr.numpy() if hasattr(lr, "assign") and hasattr(lr, "numpy") else None
+    if not (hasattr(lr, "assign") and hasattr(lr, "numpy")):
+        lr = None  # a schedule, or no learning rate to keep
+    configured_lr = None if lr is None else lr.numpy()
     try:
         status = tf.train.Checkpoint(optimizer=optimizer).read(prefix)
         status.assert_existing_objects_matched()
@@ -818,7 +823,7 @@ def restore_optimizer(optimizer, prefix: str) -> None:
             f"this model's optimizer ({str(exc).splitlines()[0]}); it carries over only between "
             "models with the same trainable variables"
         ) from exc
-    if configured_lr is not None:
+    if lr is not None:
         lr.assign(configured_lr)
     log.info(
         "warm start: optimizer state (slots, %s iterations) restored from %s",

@@ -737,6 +737,18 @@ def test_export_says_which_file_it_imports(tmp_path, monkeypatch, capsys):
     assert "IMPORTS AND RUNS" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("record", ["- just\n- a list\n", "", "not: [closed\n"])
+def test_export_of_a_damaged_run_record_says_which_file(tmp_path, capsys, record):
+    from ckptkit import cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckptkit_run.yaml").write_text(record)
+    assert cli.main(["export", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "ckptkit_run.yaml" in err and "Traceback" not in err
+
+
 # --- 12. smaller ones -------------------------------------------------------------------
 
 
