@@ -146,7 +146,9 @@ def orbit_loop(steps, warmup, tmp, save_every):
     ckptkit default) driven by a Controller with a tf.train.CheckpointManager saving every
     ``save_every`` steps (model, optimizer, global step: not the data position)."""
     import orbit
+    from absl import logging as absl_logging
 
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbit logs every loop and save at INFO
     model, opt = mlp(), tf.keras.optimizers.Adam(1e-3)
     step_fn = make_step(model, opt)
 
