@@ -182,11 +182,11 @@ def orbit_loop(steps, warmup, tmp, save_every):
         step_counter=trainer.global_step,
         checkpoint_interval=save_every,
     )
-    controller = orbit.Controller(
-        trainer=trainer, global_step=trainer.global_step, steps_per_loop=100, checkpoint_manager=manager
-    )
     first = warmup + save_every
     with contextlib.redirect_stdout(io.StringIO()):  # the Controller also prints each loop and save
+        controller = orbit.Controller(
+            trainer=trainer, global_step=trainer.global_step, steps_per_loop=100, checkpoint_manager=manager
+        )
         controller.train(first)
         t0 = time.perf_counter()
         controller.train(first + steps)
