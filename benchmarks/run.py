@@ -7,7 +7,8 @@
              ckptkit.data.shuffle): a hand-written tf.function step in a Python loop, the same
              with 100 steps fused in one tf.function, Keras fit with steps_per_execution 1 and
              100, and the ckptkit Trainer at its defaults, at steps_per_loop=1, without
-             periodic saves and with a 4096-element shuffle buffer (saving every 1000 steps);
+             periodic saves, with a 4096-element shuffle buffer and with synchronous saves
+             (saving every 1000 steps);
              peers saving every 1000 steps too: Keras fit with BackupAndRestore +
              ModelCheckpoint, and orbit's Controller with a CheckpointManager (when orbit
              imports: pip install --no-deps tf-models-official).
@@ -237,7 +238,7 @@ def timed_fit(trainer: ckptkit.Trainer, warmup: int) -> float:
     return (marks[-1][1] - start[1]) / (marks[-1][0] - start[0])
 
 
-def ckptkit_loop(steps, warmup, steps_per_loop, tmp, save_every=1000, shuffle="global"):
+def ckptkit_loop(steps, warmup, steps_per_loop, tmp, save_every=1000, shuffle="global", async_save=True):
     """Checkpointing on (a save every 1000 steps); the warm-up includes the first two saves,
     whose async copy functions TensorFlow traces once per process (the second save's trace
     alone cost 50-90 ms here), as the loop's tracing is once."""
@@ -252,7 +253,7 @@ def ckptkit_loop(steps, warmup, steps_per_loop, tmp, save_every=1000, shuffle="g
             "log_every_steps": 1000,
             "progress": "log",
         },
-        "checkpoint": {"save_every_steps": save_every},
+        "checkpoint": {"save_every_steps": save_every, "async_save": async_save},
         "export": {"enabled": False},
         "bench": {"shuffle": shuffle},
     }
@@ -274,6 +275,7 @@ def bench_loop(args, tmp):
         "ckptkit Trainer, defaults, buffered shuffle": lambda: ckptkit_loop(
             steps, warmup, 100, tmp, every, shuffle="buffer"
         ),
+        "ckptkit Trainer, defaults, sync saves": lambda: ckptkit_loop(steps, warmup, 100, tmp, every, async_save=False),
         "Keras fit (100/exec) + BackupAndRestore": lambda: keras_fit(steps, warmup, 100, tmp, every),
     }
     missing = orbit_missing()
