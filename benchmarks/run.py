@@ -1,7 +1,7 @@
 """ckptkit against what users would otherwise write, side by side in one run.
 
     python benchmarks/run.py [--quick] [--reps 3] [--json out.json] [--threads N] [--device auto|cpu|gpu]
-                             [--only loop,savecost,finite,overhead,io,resume,d2h]
+                             [--only loop,savecost,savegap,finite,overhead,io,resume,d2h]
 
 1. loop      steps/s of a small MLP (64 inputs, batch 64, data shuffled every epoch with
              ckptkit.data.shuffle): a hand-written tf.function step in a Python loop, the same
@@ -15,6 +15,8 @@
    savecost  where one save of that trainer goes: the data iterator's snapshot, the blocking
              save() call, and a complete save with and without the data iterator (wall and
              CPU time, writer thread included).
+   savegap   a periodic save inside the Trainer's loop, async and sync: the time between the
+             loop calls around it, and how much longer the next loop call takes.
    finite    the check that every weight is finite, which the Trainer runs before each save
              (one fused reduction, one read to the host), against one bare synchronous
              Checkpoint.write of the same variables: the large model of 2. and workload 1's
@@ -545,6 +547,55 @@ def bench_savecost(args, tmp):
     return run_alternating(contenders, reps, "ms", extra="CPU ms")
 
 
+def bench_savegap(args, tmp):
+    """Where a periodic save's time goes in the loop of workload 1: each loop call of the
+    Trainer (100 steps) is timed. Per save: the time between the loop calls around it (the
+    training thread's part of the save) and how much longer the next call takes than the
+    median call (what the save costs while training runs on, e.g. the writer thread's CPU)."""
+    steps, every = (600, 200) if args.quick else (5000, 1000)
+
+    def calls(async_save):
+        def go():
+            cfg = {
+                "name": "bench",
+                "run_dir": tempfile.mkdtemp(dir=tmp),
+                "trainer": {
+                    "max_steps": 2 * every + steps,
+                    "steps_per_loop": 100,
+                    "eval_every_steps": None,
+                    "log_every_steps": 1000,
+                    "progress": "log",
+                },
+                "checkpoint": {"save_every_steps": every, "async_save": async_save},
+                "export": {"enabled": False},
+            }
+            trainer = MLPTrainer(cfg)
+            trainer.build()
+            inner, marks, done = trainer._train_fn, [], [0]
+
+            def timed(n):
+                t0 = time.perf_counter()
+                out = inner(n)
+                done[0] += n
+                marks.append((t0, time.perf_counter(), done[0]))
+                return out
+
+            trainer._train_fn = timed
+            trainer.fit()
+            marks = [m for m in marks if m[2] > 2 * every]  # after the warm-up's two saves
+            durations = [end - start for start, end, _ in marks]
+            typical = statistics.median(durations)
+            at_save = [i for i in range(1, len(marks)) if marks[i - 1][2] % every == 0]
+            between = statistics.median(marks[i][0] - marks[i - 1][1] for i in at_save) * 1e3
+            after = statistics.median(durations[i] - typical for i in at_save) * 1e3
+            return between, after
+
+        return go
+
+    contenders = {"async saves (default)": calls(True), "sync saves": calls(False)}
+    return run_alternating(contenders, 1 if args.quick else max(args.reps, 3), "ms between", extra="ms next call")
+
+
 # --- the finite-weights check before a save --------------------------------------------------
 
 
@@ -747,7 +798,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny workloads, 1 repetition (smoke run)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--mb", type=int, default=256, help="size of the large model's variables")
-    parser.add_argument("--only", default="loop,savecost,finite,overhead,io,resume")
+    parser.add_argument("--only", default="loop,savecost,savegap,finite,overhead,io,resume")
     parser.add_argument("--json", help="write the raw figures here")
     parser.add_argument(
         "--device",
@@ -798,6 +849,13 @@ def main():
             out["savecost"] = bench_savecost(args, tmp)
             print_table(
                 "1b. where one save of workload 1 goes", out["savecost"], "save + wait, without the data iterator"
+            )
+        if "savegap" in wanted:
+            out["savegap"] = bench_savegap(args, tmp)
+            print_table(
+                "1d. a periodic save in the loop of workload 1",
+                out["savegap"],
+                "async saves (default)",
             )
         if "finite" in wanted:
             out["finite"] = bench_finite(args, tmp)
