@@ -679,7 +679,7 @@ def bench_d2h(args, tmp):
     model, width = big_model(mb)
     model(tf.zeros([1, width]))
     variables = model.variables
-    nbytes = sum(int(tf.size(v)) * v.dtype.size for v in variables)
+    nbytes = sum(int(tf.size(v)) * tf.as_dtype(v.dtype).size for v in variables)  # Keras 3 names dtypes as strings
     kit = ckptkit.Checkpointer(tempfile.mkdtemp(dir=tmp), async_save=True, max_to_keep=1, model=model)
     from ckptkit.loop import FiniteCheck
 
