@@ -29,10 +29,10 @@ def result_of(output):
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def start(run_dir, *overrides):
+def start(run_dir, *overrides, env=None):
     return subprocess.Popen(
         [sys.executable, TOY_RUN, str(run_dir), *overrides],
-        env=ENV,
+        env=env or ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -28,6 +28,19 @@ def run_example(cwd, *overrides):
     return proc.returncode, proc.stdout
 
 
+def start_example(cwd, *overrides):
+    """The example as a running process whose output is read line by line."""
+    return subprocess.Popen(
+        [sys.executable, EXAMPLE, *overrides],
+        cwd=cwd,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        bufsize=1,
+    )
+
+
 @pytest.mark.slow
 def test_digits_runs_end_to_end_and_resumes(tmp_path, capsys):
     overrides = [
@@ -121,16 +134,7 @@ def test_a_sweep_interrupted_and_relaunched_finishes_every_job_in_its_own_direct
         "trainer.log_every_steps=500",
         "checkpoint.save_every_steps=500",
     ]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen(
-        [sys.executable, EXAMPLE, *sweep],
-        cwd=tmp_path,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        bufsize=1,
-    )
+    proc = start_example(tmp_path, *sweep)
     wait_for_line(proc, "saved checkpoint")  # the first job is training
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -298,16 +302,7 @@ def test_sigterm_to_a_joblib_sweep_stops_every_job_with_a_save(tmp_path):
         "checkpoint.save_every_steps=100000",
         "export.enabled=false",
     ]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen(
-        [sys.executable, EXAMPLE, *sweep],
-        cwd=tmp_path,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        bufsize=1,
-    )
+    proc = start_example(tmp_path, *sweep)
     lines = wait_for_line(proc, "step 200/100000")
     lines += wait_for_line(proc, "step 200/100000")  # both jobs have trained (each logs step 200 once)
     proc.send_signal(signal.SIGTERM)

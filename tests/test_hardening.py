@@ -15,7 +15,7 @@ import time
 import pytest
 import tensorflow as tf
 from conftest import Net, ToyTrainer, make_cfg, small_tmpfs, steps_on_disk
-from procs import ENV, TOY_RUN
+from procs import ENV, TOY_RUN, run, start
 
 import ckptkit
 from ckptkit import export as export_lib
@@ -426,15 +426,7 @@ def test_nan_weights_are_never_saved_and_the_run_stays_resumable(tmp_path, async
 
 
 def _launch(run_dir, phase, *overrides, pause=3):
-    env = dict(ENV, TOY_PAUSE=f"{phase}:{pause}")
-    return subprocess.Popen(
-        [sys.executable, TOY_RUN, str(run_dir), *overrides],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
+    return start(run_dir, *overrides, env=dict(ENV, TOY_PAUSE=f"{phase}:{pause}"))
 
 
 def _signal_at_pause(proc, phase, signum):
@@ -505,14 +497,8 @@ def test_a_signal_after_the_last_step_saves_it_exits_0_and_says_the_export_was_s
     _read_all(tmp_path / "checkpoints" / "ckpt-10")
     assert _listed(tmp_path / "checkpoints")[-1] == 10
     assert not [n for n in os.listdir(tmp_path / "export")] if (tmp_path / "export").exists() else True
-    again = subprocess.run(
-        [sys.executable, TOY_RUN, str(tmp_path), *args],
-        env=ENV,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    assert again.returncode == 0 and "already finished" in again.stdout
+    code, out = run(tmp_path, *args)
+    assert code == 0 and "already finished" in out
     assert export_lib.versions(str(tmp_path / "export")) == [1]
 
 
