@@ -32,8 +32,9 @@ _LAZY = {
     "EXIT_PREEMPTED": "ckptkit.preemption",
     "Interrupted": "ckptkit.preemption",
     "Preempted": "ckptkit.preemption",
-    "CheckpointDirOwnedError": "ckptkit.runlock",
+    "CheckpointDirOwnedError": "ckptkit.ownership",
     "RunLockedError": "ckptkit.runlock",
+    "RunTakenOverError": "ckptkit.runlock",
     "FitResult": "ckptkit.trainer",
     "Trainer": "ckptkit.trainer",
     "RestoreReport": "ckptkit.transfer",
@@ -87,6 +88,7 @@ __all__ = [
     "FitResult",
     "RestoreReport",
     "RunLockedError",
+    "RunTakenOverError",
     "Trainer",
     "restore_partial",
 ]

@@ -26,7 +26,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
@@ -37,6 +37,7 @@ from ckptkit.errors import (
     CheckpointNotFoundError,
     CheckpointSaveError,
     CheckpointUnreadableError,
+    CkptkitError,
     DataPipelineError,
 )
 from ckptkit.iterator_state import IteratorCheckpoint, is_dataset_iterator, peek
@@ -78,6 +79,7 @@ class Checkpointer:
         keep_every_n_hours: float | None = None,
         async_save: bool = True,
         worker_dir: str | None = None,
+        fence: Callable[[], None] | None = None,
         **trackables,
     ):
         if max_to_keep is not None and max_to_keep < 1:
@@ -89,6 +91,9 @@ class Checkpointer:
         if not trackables:
             raise ValueError("Checkpointer needs at least one trackable, e.g. model=my_model.")
         self.directory = str(directory)
+        # Called before every write and commit (a checkpoint's files, metadata, state file,
+        # deletes and moves); raises to stop them. The Trainer passes its run lock's check.
+        self.fence = fence
         # A non-chief worker of a multi-worker run takes part in every save (TensorFlow's
         # rule: all workers save) but writes into worker_dir, removed after each save; it
         # reads the chief's checkpoints in `directory` and writes nothing there.
@@ -182,6 +187,7 @@ class Checkpointer:
         """
         step = int(step)
         self._raise_background_error()
+        self._fence()
         if self.worker_dir:
             return self._save_as_worker(step, self.worker_dir)
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
@@ -249,6 +255,7 @@ class Checkpointer:
         """Move ``paths`` (links as links) into a fresh ``<directory>/unreadable/<time>/``."""
         stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         into = os.path.join(self.directory, metadata.UNREADABLE_DIR, stamp)
+        self._fence()
         for p in paths:
             storage.move_aside(p, into)
         return into
@@ -296,6 +303,7 @@ class Checkpointer:
         lock). Returns the paths removed."""
         if self.worker_dir or self._pending is not None:
             return []
+        self._fence()
         removed = [p for p in metadata.leftovers(self.directory) if storage.remove_tree(p) or storage.remove_file(p)]
         if removed:
             log.info(
@@ -437,9 +445,15 @@ class Checkpointer:
             log.info(
                 "saved checkpoint %s (step %d, %.2fs, training blocked %.3fs)", info.path, info.step, seconds, blocking
             )
+        except CkptkitError as exc:  # the fence, or a message of ours: surfaced as it is
+            self._background_error = exc
         except Exception as exc:  # noqa: BLE001 - surfaced in the training thread
             self._background_error = CheckpointSaveError(f"recording checkpoint {info.path} failed: {exc}")
             self._background_error.__cause__ = exc
+
+    def _fence(self) -> None:
+        if self.fence is not None:
+            self.fence()
 
     def _record(self, info: CheckpointInfo) -> None:
         """Add ``info``, write metadata and state file for what is kept, delete the rest."""
@@ -459,12 +473,15 @@ class Checkpointer:
                 if self.best_metric
                 else []
             )
+            self._fence()
             tf.io.gfile.makedirs(self.directory)
             metadata.write_metadata(
                 self.directory, kept, best=best, best_metric=self.best_metric, best_mode=self.best_mode
             )
+            self._fence()
             metadata.write_state_file(self.directory, kept)
             if dropped:
+                self._fence()
                 names = storage.listdir(self.directory)
             for c in dropped:
                 for f in metadata.checkpoint_files(c.path, names):

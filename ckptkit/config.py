@@ -94,6 +94,10 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False
     progress: ProgressMode = ProgressMode.auto
+    # Exit status after a signal's save ("resume me"; 75 is EX_TEMPFAIL), and after a lost
+    # multi-worker peer (null: the same). Kubernetes' ExitCode restart policy retries >= 128.
+    exit_code_preempted: int = 75
+    exit_code_peer_lost: Any = None
 
 
 @dataclass
@@ -297,6 +301,12 @@ def validate(run: RunConfig) -> RunConfig:
     _positive("trainer.steps_per_loop", t.steps_per_loop, allow_none=False, integer=True)
     _positive("trainer.eval_every_steps", t.eval_every_steps, allow_none=True, integer=True)
     _positive("trainer.log_every_steps", t.log_every_steps, allow_none=False, integer=True)
+    for key in ("exit_code_preempted", "exit_code_peer_lost"):
+        code = getattr(t, key)
+        if code is None and key == "exit_code_peer_lost":
+            continue
+        if isinstance(code, bool) or not isinstance(code, int) or not 1 <= code <= 255:
+            raise ConfigError(f"trainer.{key}", f"must be a whole number from 1 to 255 (an exit status), got {code!r}")
     if t.seed < 0:
         raise ConfigError("trainer.seed", f"must be zero or positive, got {t.seed}")
     _positive("checkpoint.max_to_keep", c.max_to_keep, allow_none=True, integer=True)

@@ -27,8 +27,10 @@ import faulthandler
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -227,12 +229,16 @@ def _cluster(resolver=None) -> tuple[dict[str, list[str]], str, int]:
         return {}, "worker", 0
 
 
-# Run by the watchdog process: wait for EOF on stdin (the cluster came up) or the timeout;
-# at the timeout, name the tasks whose address does not accept a connection.
+# Run by the watchdog process: wait for "up" on stdin (the cluster came up), EOF (the task
+# ended, by a signal: say so) or the timeout (a negative one: none); at the timeout, name the
+# tasks whose address does not accept a connection.
 _WATCHDOG = """
 import json, select, socket, sys
 wait, timeout, others = float(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3])
-if select.select([sys.stdin], [], [], wait)[0]:
+if select.select([sys.stdin], [], [], None if wait < 0 else wait)[0]:
+    if sys.stdin.read(2) != "up":
+        sys.stderr.write("ckptkit: stopped by a signal while waiting for the cluster's other tasks; "
+                         "nothing was trained or written; run the same command again\\n")
     sys.exit(0)
 def answers(address):
     host, _, port = address.rpartition(":")
@@ -279,14 +285,15 @@ class _ConnectWatchdog:
         )
         for handler in logging.getLogger().handlers + log.handlers:
             handler.flush()
-        if not timeout:
-            return
+        wait = max(timeout - 1.0, 0.1) if timeout else -1.0
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, str(max(timeout - 1.0, 0.1)), str(timeout), json.dumps(others)],
+            [sys.executable, "-c", _WATCHDOG, str(wait), str(timeout or 0), json.dumps(others)],
             stdin=subprocess.PIPE,
+            text=True,
         )
-        self._devnull = open(os.devnull, "w")  # noqa: SIM115 - held until cancel()
-        faulthandler.dump_traceback_later(timeout, exit=True, file=self._devnull)
+        if timeout:
+            self._devnull = open(os.devnull, "w")  # noqa: SIM115 - held until cancel()
+            faulthandler.dump_traceback_later(timeout, exit=True, file=self._devnull)
 
     def cancel(self) -> None:
         if self._devnull is not None:
@@ -295,9 +302,23 @@ class _ConnectWatchdog:
             self._devnull = None
         if self._proc is not None:
             if self._proc.stdin is not None:
-                self._proc.stdin.close()  # the cluster is up: the watchdog process exits
+                try:
+                    self._proc.stdin.write("up")  # the cluster is up: the watchdog process exits
+                    self._proc.stdin.close()
+                except OSError:
+                    pass
             self._proc.wait(timeout=10)
             self._proc = None
+
+
+def _default_signal_actions() -> dict[int, Any]:
+    """Give SIGTERM and SIGINT their default action; return the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in old:
+        signal.signal(s, signal.SIG_DFL)
+    return {s: h if h is not None else signal.SIG_DFL for s, h in old.items()}
 
 
 def create(cfg: StrategyConfig) -> Distribution:
@@ -342,6 +363,10 @@ def create(cfg: StrategyConfig) -> Distribution:
                     f"is multi_worker but TF_CONFIG is not JSON ({exc}): {os.environ['TF_CONFIG'][:200]}",
                 ) from exc
         watchdog = _ConnectWatchdog(cfg.connect_timeout_seconds, resolver)
+        # TensorFlow waits for the other tasks inside one C++ call: no Python signal handler
+        # runs until it returns. Nothing is trained or written yet, so SIGTERM and SIGINT take
+        # their default action meanwhile (the process ends at once; the watchdog says why).
+        defaults = _default_signal_actions()
         try:
             strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
         except (RuntimeError, ValueError) as exc:
@@ -352,6 +377,8 @@ def create(cfg: StrategyConfig) -> Distribution:
                 f"first operation in the process): {exc}",
             ) from exc
         finally:
+            for signum, handler in defaults.items():
+                signal.signal(signum, handler)
             watchdog.cancel()
         task_type, task_id, workers, chief = _task(strategy)
         dist = Distribution(

@@ -508,10 +508,12 @@ def export_saved_model(
     expected=None,
     sources: Mapping[str, str] | None = None,
     verify: bool = True,
+    fence: Callable[[], None] | None = None,
 ) -> str:
     """Write a SavedModel of ``model`` with ``signatures`` (from :func:`named_signatures`);
     check it with the session loader (``verify``: ``feeds`` must give ``expected``); only
-    then publish it as the next version. Returns the version directory."""
+    then publish it as the next version (after ``fence()``, which raises when this process
+    may no longer write there). Returns the version directory."""
     if "serving_default" not in signatures:
         raise ExportError(
             f"serving_signatures() returned {sorted(signatures)}; it must include "
@@ -544,6 +546,8 @@ def export_saved_model(
         atomic_write_text(os.path.join(extra, EXPORT_INFO), json.dumps(record, indent=1, default=str) + "\n")
         if config_yaml is not None:
             atomic_write_text(os.path.join(extra, "config.yaml"), config_yaml)
+        if fence is not None:
+            fence()
         final = _publish(saved, export_dir)
     except BaseException as exc:
         storage.remove_tree(tmp)
@@ -607,6 +611,7 @@ def export_checkpoint(
     config_yaml: str | None = None,
     reuse: bool = True,
     cast_outputs_float32: bool = True,
+    fence: Callable[[], None] | None = None,
 ) -> str:
     """Export the model weights of checkpoint ``source`` (a CheckpointInfo).
 
@@ -662,6 +667,7 @@ def export_checkpoint(
             expected=live_outputs(signatures, feeds),
             sources=sources,
             verify=verify,
+            fence=fence,
         )
     finally:
         for v, value in zip(model.variables, snapshot, strict=True):

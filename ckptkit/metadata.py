@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ckptkit import gfile, storage
+from ckptkit.ownership import OWNER_FILE
 from ckptkit.policies import CheckpointInfo
-from ckptkit.runlock import OWNER_FILE
 
 log = logging.getLogger("ckptkit")
 

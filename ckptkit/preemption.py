@@ -73,9 +73,11 @@ class _Stop(BaseException):
         complete: bool = False,
         trained: bool = True,
         detail: str = "",
+        exit_code: int = EXIT_PREEMPTED,
     ):
         self.signum, self.step, self.path = signum, step, path
         self.complete, self.trained, self.detail = complete, trained, detail
+        self.exit_code = exit_code
         super().__init__(self._arg())
 
     def _arg(self):
@@ -87,7 +89,9 @@ class _Stop(BaseException):
         import functools
 
         return (
-            functools.partial(type(self), complete=self.complete, trained=self.trained, detail=self.detail),
+            functools.partial(
+                type(self), complete=self.complete, trained=self.trained, detail=self.detail, exit_code=self.exit_code
+            ),
             (self.signum, self.step, self.path),
         )
 
@@ -114,7 +118,31 @@ class Preempted(_Stop, SystemExit):
     left (``complete``; the export is skipped and ``detail`` says how to make it)."""
 
     def _arg(self):
-        return 0 if self.complete else EXIT_PREEMPTED
+        return 0 if self.complete else self.exit_code
+
+
+class _ExitWithMessage(SystemExit):
+    """Ends the process with ``code`` (a SystemExit) after ``message`` was logged."""
+
+    def __init__(self, code: int, message: str):
+        self.message = message
+        super().__init__(code)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # a sweep's job in another process hands it back
+        return (type(self), (self.code, self.message))
+
+
+class PeerLost(_ExitWithMessage):
+    """A multi-worker run lost a worker: it exits with ``trainer.exit_code_peer_lost`` (the
+    same as ``trainer.exit_code_preempted`` unless set), so a scheduler's requeue restarts it."""
+
+
+class SweepStopping(_ExitWithMessage):
+    """A job launched after its sweep was told to stop: it trains nothing and exits with
+    ``trainer.exit_code_preempted``."""
 
 
 class Interrupted(_Stop, KeyboardInterrupt):

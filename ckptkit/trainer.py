@@ -35,7 +35,6 @@ from ckptkit.config import RunConfig, load_config, to_dict
 from ckptkit.errors import (
     CheckpointMismatchError,
     CheckpointSaveError,
-    CkptkitError,
     ConfigError,
     DataPipelineError,
     ExportError,
@@ -43,6 +42,7 @@ from ckptkit.errors import (
 )
 from ckptkit.iterator_state import peek
 from ckptkit.metadata import checkpoint_prefix as metadata_prefix
+from ckptkit.ownership import claim_checkpoint_dir
 from ckptkit.policies import (
     AnySave,
     CheckpointInfo,
@@ -56,11 +56,19 @@ from ckptkit.policies import (
     SavePolicy,
     is_better,
 )
-from ckptkit.preemption import ExportInterrupted, Interrupted, Preempted, PreemptionWatch, stop_exception
+from ckptkit.preemption import (
+    ExportInterrupted,
+    Interrupted,
+    PeerLost,
+    Preempted,
+    PreemptionWatch,
+    SweepStopping,
+    stop_exception,
+)
 from ckptkit.progress import Progress
 from ckptkit.resume import config_changes, format_changes, require_checkpoint, restore_newest_readable
 from ckptkit.runinfo import RUN_FILE, read_run_record, write_run_record
-from ckptkit.runlock import RunLock, claim_checkpoint_dir
+from ckptkit.runlock import RunLock
 from ckptkit.state import TrainState
 from ckptkit.summaries import NoSummaries, SummaryWriters, flat_hparams
 from ckptkit.transfer import RestoreReport, locate_source, restore_optimizer, restore_partial, unreachable_variables
@@ -277,6 +285,7 @@ class Trainer:
             keep_every_n_hours=c.keep_every_n_hours,
             async_save=c.async_save,
             worker_dir=None if dist.is_chief else os.path.join(c.dir, f".worker-{dist.task_id}"),
+            fence=self._check_locks,
             model=self.model,
             optimizer=self.optimizer,
             global_step=self.global_step,
@@ -333,6 +342,9 @@ class Trainer:
             # variables with collectives, in step on all workers); the chief moves the files.
             if self.is_chief:
                 moved = f"{c.dir.rstrip('/')}-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+                for lock in [lk for lk in self._locks if lk.run_dir == c.dir]:
+                    lock.release()  # its records move with the directory; the fresh one gets a new lock
+                    self._locks.remove(lock)
                 storage.rename(c.dir, moved)
                 log.warning(
                     "checkpoint.resume=never: moved the existing checkpoints aside to %s "
@@ -443,6 +455,7 @@ class Trainer:
                     except OSError as exc:  # read-only, not a directory, no permission
                         raise CheckpointSaveError(f"cannot write to the run directory {self.run_dir}: {exc}") from exc
                     self._lock_checkpoint_dir()
+                self._refuse_if_sweep_stopping()
                 try:
                     return self._fit()
                 except (
@@ -454,7 +467,9 @@ class Trainer:
                 ) as exc:
                     if not self.distribution.multi_worker:
                         raise
-                    raise self._peer_lost(exc) from exc
+                    lost = self._peer_lost(exc)
+                    log.error("%s", lost)
+                    raise lost from exc
             finally:
                 if "checkpointer" in vars(self):  # its background thread ends with the run
                     self.checkpointer.close()
@@ -475,7 +490,46 @@ class Trainer:
             except OSError as exc:
                 raise CheckpointSaveError(f"cannot write to checkpoint.dir {c}: {exc}") from exc
 
-    def _peer_lost(self, exc: Exception) -> CkptkitError:
+    @property
+    def _exit(self) -> dict[str, int]:
+        return {"exit_code": self.settings.trainer.exit_code_preempted}
+
+    def _refuse_if_sweep_stopping(self) -> None:
+        """A job that a sweep's launcher starts after the sweep was told to stop (a queued
+        job handed to a freed worker) trains nothing (ckptkit.hydra_callbacks)."""
+        try:
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+            from hydra.utils import to_absolute_path
+
+            if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+                return
+            sweep_dir = to_absolute_path(str(HydraConfig.get().sweep.dir))
+        except Exception:  # noqa: BLE001 - not under Hydra, or no sweep directory
+            return
+        from ckptkit.hydra_callbacks import sweep_stopping
+
+        notice = sweep_stopping(sweep_dir)
+        if notice is not None:
+            stop = SweepStopping(
+                self.settings.trainer.exit_code_preempted,
+                f"the sweep in {sweep_dir} is stopping ({notice}): this job did not start; run the "
+                "same command again to continue the sweep",
+            )
+            log.warning("%s", stop)
+            raise stop
+
+    def _check_locks(self, quick: bool = False) -> None:
+        """Raise :class:`~ckptkit.RunTakenOverError` once another launch took this run over
+        (the commit points call it; ``quick``: only what the lock's beat already found)."""
+        for lock in self._locks:
+            if quick:
+                if lock.fenced is not None:
+                    raise lock.fenced
+            else:
+                lock.check()
+
+    def _peer_lost(self, exc: Exception) -> PeerLost:
         """A collective failed under multi_worker: a peer died or became unreachable. The
         strategy cannot save without it; the last checkpoint is where the run resumes."""
         me = self.distribution.task.split()[-1]
@@ -496,15 +550,28 @@ class Trainer:
             ),
             message.splitlines()[0] if message else type(exc).__name__,
         )
-        latest = self.checkpointer.latest if self.checkpointer else None
-        return CkptkitError(
+        latest = self._newest_on_disk()
+        t = self.settings.trainer
+        return PeerLost(
+            t.exit_code_peer_lost if t.exit_code_peer_lost is not None else t.exit_code_preempted,
             f"{self.distribution.task} lost contact with "
             f"{', '.join(tasks) if tasks else 'another worker'} ({type(exc).__name__}: "
             f"{reason[:300]}); a multi-worker "
             "run cannot save without every worker. "
             + (f"The last checkpoint is {latest.path} (step {latest.step}): " if latest else "")
-            + "start every worker again to resume from it."
+            + "start every worker again to resume from it.",
         )
+
+    def _newest_on_disk(self) -> CheckpointInfo | None:
+        """The newest checkpoint in the checkpoint directory as it is now (a non-chief's own
+        list is the chief's at launch)."""
+        if "checkpointer" not in vars(self):
+            return None
+        try:
+            found = metadata.scan(self.checkpointer.directory)
+        except Exception:  # noqa: BLE001 - unreadable now: what this process knew
+            return self.checkpointer.latest
+        return found[-1] if found else None
 
     def _check_workers_restored_alike(self, resumed_from: int | None) -> None:
         """Every worker of a multi-worker run must have restored the same checkpoint: one
@@ -525,11 +592,16 @@ class Trainer:
             where = "nothing (a fresh start)" if frm < 0 else f"step {frm} (checkpoint id {u:x})"
             return f"worker {task} restored {where}, at step {step}"
 
+        where = (
+            f"the chief writes its checkpoints to {self.checkpointer.directory}"
+            if dist.is_chief
+            else f"{dist.task} reads the chief's checkpoints from {self.checkpointer.directory}"
+        )
         raise CheckpointMismatchError(
             "the workers did not restore the same state: "
             + "; ".join(said(i, r) for i, r in enumerate(rows))
-            + f". Every worker must see the chief's checkpoint directory {self.checkpointer.directory} "
-            "(a shared filesystem, the same path on every host); nothing was trained."
+            + f". Here {where}: every worker must see that very directory (a shared filesystem, "
+            "the same path on every host); nothing was trained."
         )
 
     def _stop_if_requested(self, step: int) -> None:
@@ -537,7 +609,9 @@ class Trainer:
         workers stop together inside the loop)."""
         if self.watch.requested and not self.distribution.multi_worker:
             latest = self.checkpointer.latest if self.checkpointer else None
-            self._stop(stop_exception(self.watch.signum, step, latest.path if latest else None, trained=False))
+            self._stop(
+                stop_exception(self.watch.signum, step, latest.path if latest else None, trained=False, **self._exit)
+            )
 
     def _stop(self, stop: Preempted | Interrupted) -> None:
         """Say why the run stops, hand the signal to the handler installed before, raise."""
@@ -616,7 +690,7 @@ class Trainer:
         saved = latest.path if latest and self.is_chief else metadata_prefix(self.checkpointer.directory, step)
         if self._stopped and step < s.trainer.max_steps:
             self._summaries.close()
-            self._stop(stop_exception(self.watch.signum, step, saved))
+            self._stop(stop_exception(self.watch.signum, step, saved, **self._exit))
         export_path = None
         if s.export.enabled and self.is_chief:
             export_path = self._final_export(step, saved)
@@ -659,8 +733,9 @@ class Trainer:
             pass
         if watch.requested:
             self._summaries.close()
-            self._stop(stop_exception(watch.signum, step, saved, complete=True, detail=how))
+            self._stop(stop_exception(watch.signum, step, saved, complete=True, detail=how, **self._exit))
         if export_path and s.export.max_to_keep:
+            self._check_locks()
             export_lib.prune_versions(s.export.dir, s.export.max_to_keep)
         return export_path
 
@@ -720,6 +795,7 @@ class Trainer:
         coordinated = self.distribution.multi_worker
         self._stopped = False
         while step < t.max_steps and not self._stopped and (coordinated or not self.watch.requested):
+            self._check_locks(quick=True)
             n = self._next_boundary(step) - step
             began = time.time()
             try:
@@ -871,6 +947,7 @@ class Trainer:
             config_yaml=OmegaConf.to_yaml(self.cfg),
             reuse=not force,
             cast_outputs_float32=e.cast_outputs_float32,
+            fence=self._check_locks,
         )
 
     def _export_new_best(self, step: int, path: str, metrics: Mapping[str, float]) -> None:
@@ -880,6 +957,7 @@ class Trainer:
         )
         self.export(source=info)
         if e.max_to_keep:
+            self._check_locks()
             export_lib.prune_versions(e.dir, e.max_to_keep)
 
 

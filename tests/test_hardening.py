@@ -7,9 +7,9 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,8 +19,8 @@ from procs import ENV, TOY_RUN, run, start
 
 import ckptkit
 from ckptkit import export as export_lib
-from ckptkit import metadata
-from ckptkit.runlock import LOCK_FILE, RunLock, RunLockedError
+from ckptkit import lock_records, metadata, runlock
+from ckptkit.runlock import CLAIMS_DIR, LOCK_FILE, RunLock, RunLockedError
 
 
 def _read_all(prefix):
@@ -217,15 +217,23 @@ def _race(run_dir, barrier, results):
         results.put("refused")
 
 
-def test_racing_launches_take_a_stale_lock_exactly_once(tmp_path):
+def _claim_of(run_dir, generation, **fields):
+    """Plant a claim (as another launch would have made it) in ``run_dir``."""
+    record = {**lock_records.new_record(generation), **fields}
+    claims = run_dir / CLAIMS_DIR
+    claims.mkdir(parents=True, exist_ok=True)
+    (claims / lock_records.claim_name(generation)).write_bytes(lock_records.encode(record))
+    return record
+
+
+def test_racing_launches_take_a_dead_holders_lock_exactly_once(tmp_path):
     ctx = multiprocessing.get_context("fork")
     outcomes = []
     for trial in range(8):
         run_dir = tmp_path / f"t{trial}"
-        run_dir.mkdir()
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
-        (run_dir / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+        _claim_of(run_dir, 1, pid=dead.pid, pid_start=None)
         barrier, results = ctx.Barrier(3), ctx.Queue()
         procs = [ctx.Process(target=_race, args=(str(run_dir), barrier, results)) for _ in range(3)]
         for p in procs:
@@ -236,16 +244,16 @@ def test_racing_launches_take_a_stale_lock_exactly_once(tmp_path):
     assert all(o == ["refused", "refused", "won"] for o in outcomes), outcomes
 
 
-@pytest.mark.parametrize("content", ["", "{", "null", '{"pid": "x"}', "\0\0\0", '{"host": "h"}'])
-def test_an_empty_or_malformed_lock_file_is_stale(tmp_path, content, caplog):
+@pytest.mark.parametrize(
+    "content", ["", "{", "null", '{"pid": "x"}', "\0\0\0", '{"host": "h"}', '{"pid": 1180591620717411303424}']
+)
+def test_an_old_lock_file_of_any_content_is_only_a_flock_target(tmp_path, content):
+    """(issue 27) ``.ckptkit.lock`` is no record any more (the claims are): whatever an older
+    version or anyone left in it, a launch neither parses nor trusts it."""
     (tmp_path / LOCK_FILE).write_text(content)
-    with caplog.at_level("WARNING", logger="ckptkit"):
-        lock = RunLock(str(tmp_path)).acquire()
-    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
-    if content:
-        assert "taking over the lock" in caplog.text
+    lock = RunLock(str(tmp_path)).acquire()
+    assert lock.record["pid"] == os.getpid()
     lock.release()
-    assert not (tmp_path / LOCK_FILE).exists()
 
 
 def test_a_held_lock_is_refused_in_the_same_and_another_process(tmp_path):
@@ -261,60 +269,99 @@ def test_a_held_lock_is_refused_in_the_same_and_another_process(tmp_path):
     lock.release()
 
 
-def _foreign_lock(run_dir, age, **extra):
-    """A lock record written by a process on another host, last refreshed ``age`` s ago."""
-    path = run_dir / LOCK_FILE
-    path.write_text(json.dumps({"pid": 12345, "host": "node-that-died", "started": 0, **extra}))
-    then = time.time() - age
-    os.utime(path, (then, then))
+class _Beating:
+    """A live holder on another host: rewrites its claim every 50 ms (its beat)."""
+
+    def __init__(self, run_dir, **fields):
+        self.record = _claim_of(run_dir, 1, host="node-alive", pid=12345, **fields)
+        self.path = run_dir / CLAIMS_DIR / lock_records.claim_name(1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
+
+    def _beat(self):
+        while not self.stop.wait(0.05):
+            self.record["beat"] += 1
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_bytes(lock_records.encode(self.record))
+            os.replace(tmp, self.path)
+
+    def end(self):
+        self.stop.set()
+        self.thread.join()
 
 
-def test_a_lock_from_another_host_is_a_lease(tmp_path, monkeypatch, caplog):
-    """(issue 18, item 2) A requeue on another node is not refused by its dead lock for ever."""
+def test_a_lock_from_another_host_is_a_lease_watched_here(tmp_path, monkeypatch, caplog):
+    """(issue 18, item 2; issue 27, item 4) A dead node's lock is taken over once it has not
+    changed for the lease, watched on this host's monotonic clock; a live one is refused."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    _foreign_lock(tmp_path, age=10)
-    with pytest.raises(RunLockedError, match=r"node-that-died .*refreshed 1\d s ago"):
-        RunLock(str(tmp_path), lease_seconds=120).acquire()
-    _foreign_lock(tmp_path, age=300)
+    live = _Beating(tmp_path)
+    with pytest.raises(RunLockedError, match=r"node-alive.*its holder is alive"):
+        RunLock(str(tmp_path), lease_seconds=0.5).acquire()
+    live.end()
+    then = time.time() + 86400  # its file times a day ahead: no protection
+    os.utime(live.path, (then, then))
     with caplog.at_level("WARNING", logger="ckptkit"):
-        RunLock(str(tmp_path), lease_seconds=120).acquire().release()
-    assert "lease expired: not refreshed for 300 s" in caplog.text
+        lock = RunLock(str(tmp_path), lease_seconds=0.5).acquire()
+    assert "did not change for 0.5 s as watched from here" in caplog.text
+    assert lock.record["generation"] == 2
+    lock.release()
+
+
+def test_a_slurm_requeue_takes_over_at_once_and_a_second_step_is_refused(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    _foreign_lock(tmp_path, age=1, slurm_job_id="1111")  # another job's live lock
-    with pytest.raises(RunLockedError):
-        RunLock(str(tmp_path), lease_seconds=120).acquire()
-    _foreign_lock(tmp_path, age=1, slurm_job_id="4242")  # this job, requeued on another node
-    caplog.clear()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    live = _Beating(tmp_path, slurm_job_id="4242", slurm_step_id="0", slurm_restart_count=1)
+    with pytest.raises(RunLockedError, match="another step of the same SLURM job holds it") as err:
+        RunLock(str(tmp_path), lease_seconds=0.5).acquire()
+    assert "SLURM job 4242 step 0" in str(err.value)
+    live.end()
+    live = _Beating(tmp_path, slurm_job_id="4242", slurm_restart_count=0)  # the job before its requeue
+    started = time.monotonic()
     with caplog.at_level("WARNING", logger="ckptkit"):
-        lock = RunLock(str(tmp_path), lease_seconds=120).acquire()
-    assert "same SLURM job 4242 (requeued)" in caplog.text
-    assert json.loads((tmp_path / LOCK_FILE).read_text())["slurm_job_id"] == "4242"
+        lock = RunLock(str(tmp_path), lease_seconds=60).acquire()
+    assert time.monotonic() - started < 5
+    assert "this is restart 1 of SLURM job 4242, it was restart 0 (a requeue)" in caplog.text
+    live.end()
     lock.release()
-
-
-def test_the_holder_refreshes_its_lease(tmp_path):
-    lock = RunLock(str(tmp_path), lease_seconds=0.4).acquire()
-    then = time.time() - 100
-    os.utime(tmp_path / LOCK_FILE, (then, then))
-    time.sleep(0.6)
-    assert time.time() - os.stat(tmp_path / LOCK_FILE).st_mtime < 1
-    lock.release()
-    assert not (tmp_path / LOCK_FILE).exists()
 
 
 def test_fit_takes_over_an_expired_lease_from_the_config(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     run = tmp_path / "run"
-    run.mkdir()
-    _foreign_lock(run, age=30)
+    live = _Beating(run)
     cfg = make_cfg(run, **{"trainer.max_steps": 5})
-    with pytest.raises(RunLockedError, match="lock_lease_seconds=120"):
+    cfg["checkpoint"]["lock_lease_seconds"] = 1
+    with pytest.raises(RunLockedError, match="lock_lease_seconds=1 s"):
         ToyTrainer(cfg).fit()
-    cfg["checkpoint"]["lock_lease_seconds"] = 10
+    live.end()
     assert ToyTrainer(cfg).fit().step == 5
     cfg["checkpoint"]["lock_lease_seconds"] = 0
     with pytest.raises(ckptkit.ConfigError, match="lock_lease_seconds"):
         ToyTrainer(cfg)
+
+
+def test_a_run_taken_over_stops_before_its_next_commit(tmp_path, monkeypatch):
+    """(issue 27, item 1) Another launch claims the run while fit() trains: the next commit
+    point raises RunTakenOverError, and nothing more is written to the checkpoints."""
+    run = tmp_path / "run"
+    cfg = make_cfg(run, **{"trainer.max_steps": 400, "checkpoint.save_every_steps": 10})
+    trainer = ToyTrainer(cfg)
+    original = trainer._save
+
+    def save_then_be_taken_over(step, metrics):
+        path = original(step, metrics)
+        if step == 20:
+            trainer.checkpointer.wait()
+            gen = runlock.claims_in(str(run))[-1]
+            _claim_of(run, gen + 1, host="node-2", pid=999)
+        return path
+
+    monkeypatch.setattr(trainer, "_save", save_then_be_taken_over)
+    with pytest.raises(ckptkit.RunTakenOverError, match="taken over by process 999 on node-2"):
+        trainer.fit()
+    assert steps_on_disk(run / "checkpoints") == [10, 20]
+    assert not runlock.current_claim(str(run)).released  # the new holder's claim is left alone
 
 
 # --- 5. an export is reused only for the very checkpoint it came from --------------------
@@ -369,7 +416,7 @@ def test_a_checkpoint_dir_outside_the_run_is_locked_too(tmp_path):
     cfg["checkpoint"]["resume"] = "never"
     assert ToyTrainer(cfg).fit().step == 5
     ToyTrainer(cfg).fit()  # moves the first aside, locks and claims the fresh directory
-    assert not (shared / LOCK_FILE).exists() and (shared / ".ckptkit-owner.json").exists()
+    assert runlock.current_claim(str(shared)).released and (shared / ".ckptkit-owner.json").exists()
 
 
 def test_a_moved_run_directory_still_owns_its_checkpoints(tmp_path):
