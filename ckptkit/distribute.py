@@ -231,10 +231,21 @@ def _cluster(resolver=None) -> tuple[dict[str, list[str]], str, int]:
 
 # Run by the watchdog process: wait for "up" on stdin (the cluster came up), EOF (the task
 # ended, by a signal: say so) or the timeout (a negative one: none); at the timeout, name the
-# tasks whose address does not accept a connection.
+# tasks whose address does not accept a connection. TensorFlow swallows SIGTERM while it
+# waits (its preemption notifier's handler), so a SIGTERM that reaches the watchdog too (a
+# process group's, as SLURM and a terminal deliver it) ends the task with SIGINT, whose
+# default action the task has meanwhile.
 _WATCHDOG = """
-import json, select, socket, sys
+import json, os, select, signal, socket, sys
 wait, timeout, others = float(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+def on_sigterm(signum, frame):
+    sys.stderr.write("ckptkit: stopped by SIGTERM while waiting for the cluster's other tasks; "
+                     "nothing was trained or written; run the same command again\\n")
+    sys.stderr.flush()
+    os.kill(os.getppid(), signal.SIGINT)
+    os._exit(0)
+signal.signal(signal.SIGTERM, on_sigterm)
 if select.select([sys.stdin], [], [], None if wait < 0 else wait)[0]:
     if sys.stdin.read(2) != "up":
         sys.stderr.write("ckptkit: stopped by a signal while waiting for the cluster's other tasks; "

@@ -165,3 +165,13 @@ def test_step_counts_accept_whole_floats_as_typed():
             load_config(compose(config_name="digits", overrides=["trainer.max_steps=2.5"]))
         with pytest.raises(ckptkit.ConfigError, match="trainer.eval_every_steps.*must be a number"):
             load_config(compose(config_name="digits", overrides=["trainer.eval_every_steps=often"]))
+
+
+@pytest.mark.parametrize(
+    "key, value", [("exit_code_preempted", 0), ("exit_code_preempted", 256), ("exit_code_peer_lost", "x")]
+)
+def test_exit_codes_are_exit_statuses(tmp_path, key, value):
+    cfg = make_cfg(tmp_path)
+    cfg["trainer"][key] = value
+    with pytest.raises(ckptkit.ConfigError, match=f"trainer.{key}"):
+        ToyTrainer(cfg)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -182,6 +183,27 @@ def test_a_worker_whose_peers_never_come_up_gives_up_naming_them(tmp_path):
     assert "connect_timeout_seconds=3" in out and "not answering: worker 1 at localhost:" in out
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_worker_waiting_for_its_peers_ends_on_a_signal_at_once(tmp_path, signum):
+    """(issue 27, item 7) TensorFlow waits for the other tasks in one C++ call, where no
+    Python handler runs: SIGINT's default action ends the task at once (nothing is trained
+    or written yet); a SIGTERM, which TensorFlow's own handler swallows there, reaches the
+    watchdog process too and it ends the task the same way. The watchdog says why."""
+    proc = start_workers(tmp_path / "run", "strategy.connect_timeout_seconds=600", only=[0])[0]
+    lines = wait_for_line(proc, "waiting for the 1 other task(s) of the cluster to connect")
+    time.sleep(1.0)  # inside MultiWorkerMirroredStrategy() by now
+    children = [int(c) for c in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+    for pid in [proc.pid, *children]:  # the whole process group, as SLURM and a terminal signal it
+        os.kill(pid, signum)
+    signalled = time.monotonic()
+    code, out = finish([proc], timeout=60)[0]
+    assert time.monotonic() - signalled < 5, out[-3000:]
+    assert code == -signal.SIGINT, ("".join(lines) + out)[-3000:]  # SIGTERM: TensorFlow's own handler swallows it
+    assert "while waiting for the cluster's other tasks; nothing was trained or written" in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(
     "nodes, per_node, procid, want",
     [
@@ -224,3 +246,27 @@ def test_a_worker_that_loses_its_peer_says_which_and_where_to_resume(tmp_path):
     assert code0 == 75, out0[-3000:]  # trainer.exit_code_peer_lost: the same as a preemption's
     assert "worker 0 lost contact with worker 1" in out0 and "start every worker again" in out0, out0[-3000:]
     assert "The last checkpoint is" in out0
+
+
+@pytest.mark.slow
+def test_a_worker_that_loses_the_chief_names_the_newest_checkpoint_on_disk(tmp_path):
+    """(issue 27, item 8) Worker 1's own list of checkpoints is the chief's at launch: after
+    the chief dies, its message names the newest checkpoint as it is on disk now."""
+    from ckptkit import metadata as metadata_lib
+
+    workers = start_workers(
+        tmp_path / "run",
+        "trainer.max_steps=100000",
+        "trainer.log_every_steps=10",
+        "checkpoint.save_every_steps=20",
+        "checkpoint.async_save=false",
+        "data.step_sleep=0.02",
+    )
+    for _ in range(3):
+        wait_for_line(workers[0], "saved checkpoint")
+    workers[0].kill()
+    _, (code1, out1) = finish(workers, timeout=180)
+    newest = metadata_lib.scan(str(tmp_path / "run" / "checkpoints"))[-1]
+    assert code1 == 75, out1[-3000:]
+    assert "worker 1 lost contact with worker 0" in out1, out1[-3000:]
+    assert f"The last checkpoint is {newest.path} (step {newest.step})" in out1, out1[-3000:]

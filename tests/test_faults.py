@@ -271,3 +271,19 @@ def test_retention_property(tmp_path_factory, actions, max_to_keep, best_keep):
             assert ckpt.best is not None and ckpt.best.step == min(finite)[1]
     assert (root / "outside.txt").read_text() == "untouched"
     assert set(os.listdir(root)) <= {"ckpts", "outside.txt"}
+
+
+@pytest.mark.slow
+def test_the_preempted_exit_code_is_a_setting(tmp_path):
+    """(issue 27, item 7) Kubernetes' ExitCode policy restarts only codes of 128 and above."""
+    from procs import start
+
+    proc = start(tmp_path, "trainer.max_steps=100000", "data.step_sleep=0.01", "trainer.exit_code_preempted=143")
+    from procs import wait_for_line
+
+    wait_for_line(proc, "training")
+    time.sleep(0.5)
+    proc.send_signal(15)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert "stopped by SIGTERM at step" in out
