@@ -124,6 +124,11 @@ class Checkpointer:
         self._iterators = [t for t in trackables.values() if isinstance(t, IteratorCheckpoint)]
         self._trackables = dict(trackables)
         self._layer_names_record: dict[str, str] | None = None
+        #: What each save records of the training data (the Trainer's DataRecord, as JSON).
+        self.data_record: dict | None = None
+        #: Asked before a restore with the checkpoint's info: restore its data position too
+        #: (True), start the data position afresh (False), or raise. None: always restore it.
+        self.data_check: Callable[[CheckpointInfo], bool] | None = None
         self._checkpoint = tf.train.Checkpoint(**trackables)
         # TensorFlow's async saver creates `save_counter` on first use, so it is in async
         # checkpoints; create it up front so sync and async checkpoints hold the same objects
@@ -215,6 +220,7 @@ class Checkpointer:
             metrics=metrics,
             uid=secrets.token_hex(8),
             layer_names=self._layer_names(),
+            data=self.data_record,
         )
         returned = threading.Event()  # set once write() returned and blocking time is known
         timing: dict[str, float] = {}
@@ -243,6 +249,15 @@ class Checkpointer:
         if not self.async_save:
             self._raise_background_error()
         return prefix
+
+    def data_position_bytes(self) -> int | None:
+        """What the data position of the latest save takes in the checkpoint (bytes)."""
+        frozen = [it._frozen.tensors for it in self._iterators if it._frozen.tensors is not None]
+        if not frozen:
+            return None
+        from ckptkit.data_position import position_bytes
+
+        return sum(position_bytes(t) for t in frozen)
 
     def find(self, step: int) -> CheckpointInfo | None:
         """The checkpoint of ``step``: recorded, or the save of it still in flight."""
@@ -508,9 +523,20 @@ class Checkpointer:
         """
         if not tf.io.gfile.exists(path + ".index"):
             raise CheckpointNotFoundError(f"no checkpoint at {path} (missing {path}.index)")
+        with_data = True
+        if self.data_check is not None and self._iterators:
+            step = metadata.step_of(path)
+            with self._lock:
+                info = self._records.get(step) if step is not None else None
+            with_data = self.data_check(info or CheckpointInfo(step=step or -1, path=path, time=0.0))
         try:
-            status = self._checkpoint.read(path)
-            if assert_consumed:
+            if with_data:
+                status = self._checkpoint.read(path)
+            else:  # everything but the data position, which starts afresh
+                status = tf.train.Checkpoint(
+                    **{k: v for k, v in self._trackables.items() if not isinstance(v, IteratorCheckpoint)}
+                ).read(path)
+            if assert_consumed and with_data:
                 status.assert_consumed()
             else:
                 status.assert_existing_objects_matched()
@@ -527,7 +553,7 @@ class Checkpointer:
         except ValueError as exc:
             raise CheckpointMismatchError(f"cannot restore checkpoint {path}: {exc}") from exc
         status.expect_partial()
-        for it in self._iterators:  # a restored position must also produce a batch
+        for it in self._iterators if with_data else ():  # a restored position must also produce a batch
             try:
                 peek(it.iterator)
             except tf.errors.OutOfRangeError:

@@ -46,6 +46,14 @@ class Resume(str, enum.Enum):
     must = "must"
 
 
+class DataChange(str, enum.Enum):
+    """What a resume does when the training data changed since its checkpoint."""
+
+    auto = "auto"  # changed content: the data position starts afresh; changed pipeline: error
+    restart = "restart"  # any change: the data position starts afresh (weights kept)
+    error = "error"  # any change: refuse to resume
+
+
 class ProgressMode(str, enum.Enum):
     auto = "auto"
     bar = "bar"
@@ -130,9 +138,11 @@ class CheckpointConfig:
     async_save: bool = True
     resume: Resume = Resume.auto
     init_from: InitFromConfig = field(default_factory=InitFromConfig)
-    # The run lock's lease: its holder refreshes the lock file at least every 30 s; a lock
-    # from another host not refreshed for this long is stale (a node that died).
+    # The run lock's lease: a lock whose record did not change for this long, watched from
+    # the launching host, is stale (its holder rewrites it every 10 s or lease/6).
     lock_lease_seconds: float = 120.0
+    # The training data changed since the checkpoint a run resumes from (ckptkit.data_position).
+    on_data_change: DataChange = DataChange.auto
 
 
 @dataclass

@@ -132,6 +132,7 @@ class _Entry:
     blocking_seconds: float | None = None
     uid: str | None = None
     layer_names: dict[str, str] | None = None
+    data: dict | None = None
     problems: list[str] = field(default_factory=list)
 
 
@@ -165,6 +166,8 @@ def _parse_entry(raw) -> _Entry | None:
         and all(isinstance(k, str) and isinstance(v, str) and "/" not in v for k, v in names.items())
         else None,
     )
+    data = raw.get("data")
+    e.data = take("data", dict(data) if isinstance(data, dict) and all(isinstance(k, str) for k in data) else None)
     metrics = raw.get("metrics")
     if isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics):
         e.metrics = {k: _finite_or_none(v) for k, v in metrics.items()}
@@ -294,6 +297,7 @@ def scan(directory: str, *, doc: dict | None = None) -> list[CheckpointInfo]:
                 blocking_seconds=entry.blocking_seconds,
                 uid=entry.uid,
                 layer_names=entry.layer_names,
+                data=entry.data,
             )
         )
     return found
@@ -354,6 +358,7 @@ def write_metadata(
                 "size": c.size,
                 "uid": c.uid,
                 **({"layer_names": dict(c.layer_names)} if c.layer_names else {}),
+                **({"data": dict(c.data)} if c.data else {}),
                 "metrics": None if c.metrics is None else {k: _finite_or_none(v) for k, v in c.metrics.items()},
             }
             for c in sorted(checkpoints, key=lambda c: c.step)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class CheckpointInfo:
     # object-graph path -> name of the listed Keras layers a checkpoint cannot name by
     # itself (see transfer.layer_names_record); empty for most models
     layer_names: Mapping[str, str] | None = None
+    # what the checkpoint recorded of the training data (ckptkit.data_position.DataRecord)
+    data: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

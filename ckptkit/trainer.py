@@ -27,7 +27,7 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from ckptkit import data as data_lib
-from ckptkit import distribute, launch_record, metadata, storage
+from ckptkit import data_position, distribute, launch_record, metadata, storage
 from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
@@ -144,6 +144,7 @@ class Trainer:
     _iterator: Any
     _train_fn: Callable[[int], dict[str, Any]]
     _finite: loop_lib.FiniteCheck
+    _data_record: data_position.DataRecord
 
     def __init__(self, cfg: DictConfig | Mapping[str, Any]):
         self.settings: RunConfig
@@ -156,6 +157,7 @@ class Trainer:
         self._progress = Progress("log", 0, 0)
         self._stopped = False  # a worker (this or, with several, any) was preempted
         self._locks: list = []  # held by the chief while fit() runs
+        self._position_reported = False  # the data position's size, logged at the first save
 
     def __getattr__(self, name: str):  # only for names not set yet
         if name in Trainer.__annotations__:  # the attributes build() sets (clock has a value)
@@ -257,11 +259,25 @@ class Trainer:
                 "the data path, filters and batch size (drop_remainder with "
                 "fewer examples than one batch?)"
             )
+        user_ds = ds
         if ds.cardinality() != tf.data.INFINITE_CARDINALITY:
             ds = ds.repeat()
-        log.info("data position: checkpoints hold %s", data_lib.describe_position(ds))
+        ds, symbolic = data_position.prepare(ds, self._resumed_symbolic())
+        log.info(
+            "data position: checkpoints hold %s%s",
+            data_lib.describe_position(ds),
+            "; saved symbolically (tf.data's experimental_symbolic_checkpoint: positions, not buffered elements)"
+            if symbolic
+            else "",
+        )
+        held = data_position.buffer_report(ds, symbolic)
+        if held:
+            log.warning("data position: every checkpoint stores elements of the data: %s", "; ".join(held))
         self._train_ds = ds
         self._iterator = iter(ds)
+        self._data_record = data_position.record(
+            user_ds, self._iterator, symbolic=symbolic, custom=self.data_fingerprint()
+        )
         dist = self.distribution
         if dist.distributed:
             dist.create_variables(
@@ -292,6 +308,8 @@ class Trainer:
             data=self._iterator,
             train_state=self.train_state,
         )
+        self.checkpointer.data_record = self._data_record.to_json()
+        self.checkpointer.data_check = self._data_decision
         self._train_fn = loop_lib.TrainLoop(
             self.train_step, self.global_step, self._iterator, self.watch.flag, dist if dist.distributed else None
         )
@@ -307,6 +325,74 @@ class Trainer:
                 "attribute is fine)."
             )
         self._built = True
+
+    def data_fingerprint(self) -> str | None:
+        """Optional: a string that changes when the training data changes (a dataset
+        version, a manifest's hash). Each checkpoint records it with ckptkit's own record of
+        the data (length, element spec, pipeline, a hash of the first batches); a resume
+        compares both (``checkpoint.on_data_change``). Called once per launch, in ``build()``."""
+        return None
+
+    def _resumed_symbolic(self) -> bool | None:
+        """How the checkpoint this launch would resume from saved its data position (None:
+        a fresh start; False also for checkpoints of an older ckptkit, saved with buffers)."""
+        c = self.settings.checkpoint
+        if c.resume == "never":
+            return None
+        try:
+            found = metadata.scan(c.dir)
+        except Exception:  # noqa: BLE001 - unreadable here: the restore reports it
+            return None
+        if not found:
+            return None
+        rec = data_position.DataRecord.from_json(found[-1].data)
+        return rec.symbolic if rec is not None else False
+
+    def _data_decision(self, info: CheckpointInfo) -> bool:
+        """Restore the data position of checkpoint ``info`` (True), start it afresh (False),
+        or raise: ``checkpoint.on_data_change`` against what changed in the data."""
+        policy = self.settings.checkpoint.on_data_change
+        old = data_position.DataRecord.from_json(info.data)
+        if old is None:
+            if policy == "restart":
+                log.warning(
+                    "%s records nothing of its training data: starting the data position afresh "
+                    "(checkpoint.on_data_change=restart)",
+                    info.path,
+                )
+                return False
+            log.info(
+                "%s records nothing of its training data (an older ckptkit, or metadata.json rebuilt): "
+                "its data position is restored as it is",
+                info.path,
+            )
+            return True
+        pipeline, content = data_position.changes(old, self._data_record)
+        if not pipeline and not content:
+            return True
+        what = "; ".join(pipeline + content)
+        if policy == "error" or (pipeline and policy == "auto"):
+            fix = (
+                "Change train_dataset() back to resume exactly, or relaunch with checkpoint.on_data_change=restart "
+                "to keep the weights, optimizer and step and start the data position afresh."
+                if pipeline
+                else "Restore the data to resume exactly, or relaunch with checkpoint.on_data_change=auto to "
+                "continue with the data position started afresh over the current data."
+            )
+            raise DataPipelineError(
+                f"the training data {'pipeline ' if pipeline else ''}changed since checkpoint {info.path} "
+                f"(step {info.step}) was saved: {what}. Nothing was trained. {fix}"
+            )
+        log.warning(
+            "the training data changed since %s (step %d) was saved: %s. Continuing from step %d with the "
+            "weights, optimizer and step restored and the data position started afresh over the current "
+            "data; a resume is exact only over unchanged data (checkpoint.on_data_change=error refuses instead)",
+            info.path,
+            info.step,
+            what,
+            info.step,
+        )
+        return False
 
     def _save_policy(self) -> AnySave:
         c = self.settings.checkpoint
@@ -893,7 +979,13 @@ class Trainer:
                 f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; nothing was saved at step "
                 f"{step}. {self._last_good()}"
             )
-        return self.checkpointer.save(step, metrics=metrics)
+        path = self.checkpointer.save(step, metrics=metrics)
+        if not self._position_reported:
+            self._position_reported = True
+            size = self.checkpointer.data_position_bytes()
+            if size is not None:
+                log.info("data position: %.1f kB in each checkpoint", size / 1e3)
+        return path
 
     def _last_good(self) -> str:
         """Which checkpoint the run resumes from, once the save in flight is on disk."""

@@ -1,6 +1,5 @@
 """Exact resume and preemption, in real subprocesses with real signals."""
 
-import json
 import os
 import random
 import signal
@@ -11,7 +10,7 @@ from conftest import ToyTrainer, make_cfg
 from procs import result_of, run, start, wait_for_line
 
 import ckptkit
-from ckptkit import metadata
+from ckptkit import metadata, runlock
 
 DETERMINISTIC = [
     "trainer.deterministic=true",
@@ -281,8 +280,7 @@ def test_submitit_local_executor_requeues_after_the_save(tmp_path, monkeypatch):
     while time.time() < deadline and not os.path.exists(os.path.join(run_dir, "ckptkit_run.yaml")):
         time.sleep(0.2)
     time.sleep(1.0)  # training
-    with open(os.path.join(run_dir, ".ckptkit.lock")) as f:  # the training process
-        pid = json.load(f)["pid"]
+    pid = runlock.current_claim(run_dir).record["pid"]  # the training process
     os.kill(pid, signal.SIGUSR2)  # what SLURM sends signal_delay_s before the time limit
     result = job.result()
     saved = [c.step for c in metadata.scan(os.path.join(run_dir, "checkpoints"))]
