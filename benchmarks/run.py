@@ -1,7 +1,7 @@
 """ckptkit against what users would otherwise write, side by side in one run.
 
     python benchmarks/run.py [--quick] [--reps 3] [--json out.json] [--threads N] [--device auto|cpu|gpu]
-                             [--only loop,savecost,savegap,finite,overhead,io,resume,d2h]
+                             [--only loop,savecost,savegap,position,finite,overhead,io,resume,d2h]
 
 1. loop      steps/s of a small MLP (64 inputs, batch 64, data shuffled every epoch with
              ckptkit.data.shuffle): a hand-written tf.function step in a Python loop, the same
@@ -17,6 +17,9 @@
              CPU time, writer thread included).
    savegap   a periodic save inside the Trainer's loop, async and sync: the time between the
              loop calls around it, and how much longer the next loop call takes.
+   position  (benchmarks/position.py) the data position's bytes and snapshot time against the
+             example size (4 B, 4 kB, 400 kB) and the dataset size, saved symbolically (the
+             Trainer's way) and with its buffers; target: <= 4 kB and <= 1 ms per save.
    finite    the check that every weight is finite, which the Trainer runs before each save
              (one fused reduction, one read to the host), against one bare synchronous
              Checkpoint.write of the same variables: the large model of 2. and workload 1's
@@ -798,7 +801,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny workloads, 1 repetition (smoke run)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--mb", type=int, default=256, help="size of the large model's variables")
-    parser.add_argument("--only", default="loop,savecost,savegap,finite,overhead,io,resume")
+    parser.add_argument("--only", default="loop,savecost,savegap,position,finite,overhead,io,resume")
     parser.add_argument("--json", help="write the raw figures here")
     parser.add_argument(
         "--device",
@@ -857,6 +860,11 @@ def main():
                 out["savegap"],
                 "async saves (default)",
             )
+        if "position" in wanted:
+            from position import bench_position, print_position
+
+            out["position"] = bench_position(args)
+            out["targets"] += print_position(out["position"])
         if "finite" in wanted:
             out["finite"] = bench_finite(args, tmp)
             mb = 16 if args.quick else args.mb

@@ -62,13 +62,13 @@ def main() -> int:
     p.add_argument("--lease", type=float, default=1.0)
     p.add_argument("--hold", type=float, default=3.0)
     p.add_argument("--skew", type=float, default=0.0)
-    p.add_argument("--start-at", type=float, default=0.0, help="wall time to start acquiring (races)")
+    p.add_argument("--wait-go", action="store_true", help="say ready, then acquire on a line on stdin (races)")
     args = p.parse_args()
     simulate(args)
     lock = runlock.RunLock(args.run_dir, lease_seconds=args.lease)
-    delay = args.start_at - time.time()
-    if delay > 0:
-        time.sleep(delay)
+    if args.wait_go:
+        print(json.dumps({"outcome": "ready"}), flush=True)
+        sys.stdin.readline()
     try:
         lock.acquire()
     except runlock.RunLockedError as exc:

@@ -21,7 +21,7 @@ def test_benchmarks_quick_smoke_run(tmp_path):
             "--json",
             str(out),
             "--only",
-            "loop,savecost,savegap,finite,overhead,io,resume,d2h",
+            "loop,savecost,savegap,position,finite,overhead,io,resume,d2h",
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -34,6 +34,7 @@ def test_benchmarks_quick_smoke_run(tmp_path):
         "1. loop speed",
         "1b. where one save",
         "1d. a periodic save in the loop",
+        "1e. the data position against example and dataset size",
         "1c. the finite-weights check",
         "2. checkpoint overhead",
         "3. save/restore throughput",
@@ -42,7 +43,8 @@ def test_benchmarks_quick_smoke_run(tmp_path):
     ):
         assert title in proc.stdout
     figures = json.loads(out.read_text())
-    assert set(figures) >= {"loop", "savecost", "savegap", "finite", "overhead", "io", "resume", "d2h"}
+    assert set(figures) >= {"loop", "savecost", "savegap", "position", "finite", "overhead", "io", "resume", "d2h"}
+    assert all(r["bytes"] > 0 and r["snapshot_ms"] > 0 for r in figures["position"]["rows"])
     assert all(between > 0 for runs in figures["savegap"]["runs"].values() for between, _ in runs)
     assert all(v > 0 for runs in figures["d2h"]["runs"].values() for v in runs)
     assert all(v > 0 for runs in figures["finite"]["runs"].values() for v in runs)

@@ -30,12 +30,14 @@ FLOCKS = ("shared", "node", "none")
 
 
 class Launch:
-    def __init__(self, run_dir, host, *, flock, hold=3.0, lease=LEASE, skew=0.0, start_at=0.0, **slurm):
+    def __init__(self, run_dir, host, *, flock, hold=3.0, lease=LEASE, skew=0.0, wait_go=False, **slurm):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         env.update({f"SLURM_{k.upper()}": str(v) for k, v in slurm.items()})
         cmd = [sys.executable, SIM, str(run_dir), "--host", host, "--flock", flock]
-        cmd += ["--lease", str(lease), "--hold", str(hold), "--skew", str(skew), "--start-at", str(start_at)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        cmd += ["--lease", str(lease), "--hold", str(hold), "--skew", str(skew)] + (["--wait-go"] if wait_go else [])
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         self.started = time.monotonic()
         self.lines: list[dict] = []
 
@@ -190,8 +192,14 @@ def test_simultaneous_launches_exactly_one_holds(tmp_path, flock, before):
             if before == "dead-here":
                 prev.proc.kill()
             prev.finish()
-    start_at = time.time() + 2.0  # after every process has imported ckptkit
-    races = [[Launch(run, f"node-{i}", flock=flock, hold=0.6, start_at=start_at) for i in range(3)] for run in runs]
+    races = [[Launch(run, f"node-{i}", flock=flock, hold=5.0, wait_go=True) for i in range(3)] for run in runs]
+    for launches in races:  # every process has imported ckptkit and waits
+        for x in launches:
+            assert x.next_line()["outcome"] == "ready"
+    for launches in races:  # go, all at once
+        for x in launches:
+            x.proc.stdin.write("\n")
+            x.proc.stdin.flush()
     for run, launches in zip(runs, races, strict=True):
         outcomes = sorted(x.next_line(timeout=60)["outcome"] for x in launches)
         assert outcomes == ["held", "refused", "refused"], (before, outcomes)
