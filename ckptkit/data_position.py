@@ -296,3 +296,69 @@ def changes(old: DataRecord, new: DataRecord) -> tuple[list[str], list[str]]:
     if old.custom != new.custom:
         content.append(f"data_fingerprint() {old.custom!r} -> {new.custom!r}")
     return pipeline, content
+
+
+def resumed_symbolic(checkpoint_cfg: Any) -> bool | None:
+    """How the checkpoint a launch with ``checkpoint_cfg`` would resume from saved its data
+    position (None: a fresh start; False also for an older ckptkit's, saved with buffers)."""
+    if checkpoint_cfg.resume == "never":
+        return None
+    from ckptkit import metadata
+
+    try:
+        found = metadata.scan(checkpoint_cfg.dir)
+    except Exception:  # noqa: BLE001 - unreadable here: the restore reports it
+        return None
+    if not found:
+        return None
+    rec = DataRecord.from_json(found[-1].data)
+    return rec.symbolic if rec is not None else False
+
+
+def decide(policy: str, info: Any, current: DataRecord) -> bool:
+    """Whether a resume from checkpoint ``info`` restores its data position (True) or starts it
+    afresh (False), by ``checkpoint.on_data_change`` (``policy``) against what changed;
+    raises DataPipelineError where the policy refuses."""
+    from ckptkit.errors import DataPipelineError
+
+    old = DataRecord.from_json(info.data)
+    if old is None:
+        if policy == "restart":
+            log.warning(
+                "%s records nothing of its training data: starting the data position afresh "
+                "(checkpoint.on_data_change=restart)",
+                info.path,
+            )
+            return False
+        log.info(
+            "%s records nothing of its training data (an older ckptkit, or metadata.json rebuilt): "
+            "its data position is restored as it is",
+            info.path,
+        )
+        return True
+    pipeline, content = changes(old, current)
+    if not pipeline and not content:
+        return True
+    what = "; ".join(pipeline + content)
+    if policy == "error" or (pipeline and policy == "auto"):
+        fix = (
+            "Change train_dataset() back to resume exactly, or relaunch with checkpoint.on_data_change=restart "
+            "to keep the weights, optimizer and step and start the data position afresh."
+            if pipeline
+            else "Restore the data to resume exactly, or relaunch with checkpoint.on_data_change=auto to "
+            "continue with the data position started afresh over the current data."
+        )
+        raise DataPipelineError(
+            f"the training data {'pipeline ' if pipeline else ''}changed since checkpoint {info.path} "
+            f"(step {info.step}) was saved: {what}. Nothing was trained. {fix}"
+        )
+    log.warning(
+        "the training data changed since %s (step %d) was saved: %s. Continuing from step %d with the "
+        "weights, optimizer and step restored and the data position started afresh over the current "
+        "data; a resume is exact only over unchanged data (checkpoint.on_data_change=error refuses instead)",
+        info.path,
+        info.step,
+        what,
+        info.step,
+    )
+    return False

@@ -31,6 +31,7 @@ from ckptkit import data_position, distribute, launch_record, metadata, storage
 from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
+from ckptkit.claims import RunClaims, refuse_if_sweep_stopping
 from ckptkit.config import RunConfig, load_config, to_dict
 from ckptkit.errors import (
     CheckpointMismatchError,
@@ -62,13 +63,11 @@ from ckptkit.preemption import (
     PeerLost,
     Preempted,
     PreemptionWatch,
-    SweepStopping,
     stop_exception,
 )
 from ckptkit.progress import Progress
 from ckptkit.resume import config_changes, format_changes, require_checkpoint, restore_newest_readable
 from ckptkit.runinfo import RUN_FILE, read_run_record, write_run_record
-from ckptkit.runlock import RunLock
 from ckptkit.state import TrainState
 from ckptkit.summaries import NoSummaries, SummaryWriters, flat_hparams
 from ckptkit.transfer import RestoreReport, locate_source, restore_optimizer, restore_partial, unreachable_variables
@@ -156,7 +155,7 @@ class Trainer:
         self._summaries: SummaryWriters | NoSummaries = NoSummaries()
         self._progress = Progress("log", 0, 0)
         self._stopped = False  # a worker (this or, with several, any) was preempted
-        self._locks: list = []  # held by the chief while fit() runs
+        self._claims = RunClaims(0.0)  # the chief's locks while fit() runs
         self._position_reported = False  # the data position's size, logged at the first save
 
     def __getattr__(self, name: str):  # only for names not set yet
@@ -262,7 +261,7 @@ class Trainer:
         user_ds = ds
         if ds.cardinality() != tf.data.INFINITE_CARDINALITY:
             ds = ds.repeat()
-        ds, symbolic = data_position.prepare(ds, self._resumed_symbolic())
+        ds, symbolic = data_position.prepare(ds, data_position.resumed_symbolic(self.settings.checkpoint))
         log.info(
             "data position: checkpoints hold %s%s",
             data_lib.describe_position(ds),
@@ -333,66 +332,9 @@ class Trainer:
         compares both (``checkpoint.on_data_change``). Called once per launch, in ``build()``."""
         return None
 
-    def _resumed_symbolic(self) -> bool | None:
-        """How the checkpoint this launch would resume from saved its data position (None:
-        a fresh start; False also for checkpoints of an older ckptkit, saved with buffers)."""
-        c = self.settings.checkpoint
-        if c.resume == "never":
-            return None
-        try:
-            found = metadata.scan(c.dir)
-        except Exception:  # noqa: BLE001 - unreadable here: the restore reports it
-            return None
-        if not found:
-            return None
-        rec = data_position.DataRecord.from_json(found[-1].data)
-        return rec.symbolic if rec is not None else False
-
     def _data_decision(self, info: CheckpointInfo) -> bool:
-        """Restore the data position of checkpoint ``info`` (True), start it afresh (False),
-        or raise: ``checkpoint.on_data_change`` against what changed in the data."""
-        policy = self.settings.checkpoint.on_data_change
-        old = data_position.DataRecord.from_json(info.data)
-        if old is None:
-            if policy == "restart":
-                log.warning(
-                    "%s records nothing of its training data: starting the data position afresh "
-                    "(checkpoint.on_data_change=restart)",
-                    info.path,
-                )
-                return False
-            log.info(
-                "%s records nothing of its training data (an older ckptkit, or metadata.json rebuilt): "
-                "its data position is restored as it is",
-                info.path,
-            )
-            return True
-        pipeline, content = data_position.changes(old, self._data_record)
-        if not pipeline and not content:
-            return True
-        what = "; ".join(pipeline + content)
-        if policy == "error" or (pipeline and policy == "auto"):
-            fix = (
-                "Change train_dataset() back to resume exactly, or relaunch with checkpoint.on_data_change=restart "
-                "to keep the weights, optimizer and step and start the data position afresh."
-                if pipeline
-                else "Restore the data to resume exactly, or relaunch with checkpoint.on_data_change=auto to "
-                "continue with the data position started afresh over the current data."
-            )
-            raise DataPipelineError(
-                f"the training data {'pipeline ' if pipeline else ''}changed since checkpoint {info.path} "
-                f"(step {info.step}) was saved: {what}. Nothing was trained. {fix}"
-            )
-        log.warning(
-            "the training data changed since %s (step %d) was saved: %s. Continuing from step %d with the "
-            "weights, optimizer and step restored and the data position started afresh over the current "
-            "data; a resume is exact only over unchanged data (checkpoint.on_data_change=error refuses instead)",
-            info.path,
-            info.step,
-            what,
-            info.step,
-        )
-        return False
+        """Restore the data position of ``info`` (True) or start it afresh (False), or raise."""
+        return data_position.decide(self.settings.checkpoint.on_data_change, info, self._data_record)
 
     def _save_policy(self) -> AnySave:
         c = self.settings.checkpoint
@@ -428,9 +370,7 @@ class Trainer:
             # variables with collectives, in step on all workers); the chief moves the files.
             if self.is_chief:
                 moved = f"{c.dir.rstrip('/')}-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-                for lock in [lk for lk in self._locks if lk.run_dir == c.dir]:
-                    lock.release()  # its records move with the directory; the fresh one gets a new lock
-                    self._locks.remove(lock)
+                self._claims.let_go_of(c.dir)  # its lock records move with it; the fresh one gets a new lock
                 storage.rename(c.dir, moved)
                 log.warning(
                     "checkpoint.resume=never: moved the existing checkpoints aside to %s "
@@ -441,7 +381,7 @@ class Trainer:
             self._built = False
             self.build()
             if self.is_chief:  # the lock and owner record moved with them
-                self._lock_checkpoint_dir()
+                self._claims.take_checkpoint_dir(self.run_dir, c.dir)
                 claim_checkpoint_dir(c.dir, self.run_dir)
             else:
                 self.checkpointer._forget_existing()  # what it listed before the chief's move
@@ -532,16 +472,11 @@ class Trainer:
         # restoring, evaluating, waiting for the last save or exporting still ends in a
         # durable checkpoint and a clear exit, never in the default action.
         with self.watch:
-            self._locks = []
+            self._claims = RunClaims(self.settings.checkpoint.lock_lease_seconds)
             try:
                 if self.is_chief:
-                    try:
-                        lease = self.settings.checkpoint.lock_lease_seconds
-                        self._locks.append(RunLock(self.run_dir, lease_seconds=lease).acquire())
-                    except OSError as exc:  # read-only, not a directory, no permission
-                        raise CheckpointSaveError(f"cannot write to the run directory {self.run_dir}: {exc}") from exc
-                    self._lock_checkpoint_dir()
-                self._refuse_if_sweep_stopping()
+                    self._claims.take(self.run_dir, self.settings.checkpoint.dir)
+                refuse_if_sweep_stopping(self.settings.trainer.exit_code_preempted)
                 try:
                     return self._fit()
                 except (
@@ -559,61 +494,15 @@ class Trainer:
             finally:
                 if "checkpointer" in vars(self):  # its background thread ends with the run
                     self.checkpointer.close()
-                for lock in reversed(self._locks):
-                    lock.release()
-
-    def _lock_checkpoint_dir(self) -> None:
-        """A ``checkpoint.dir`` outside the run directory gets the one-writer lock too: two
-        runs racing onto one fresh checkpoint directory cannot both claim it."""
-        c = self.settings.checkpoint.dir
-        if not storage.is_local(c) or not storage.is_local(self.run_dir):
-            return
-        inside = os.path.commonpath([os.path.abspath(c), os.path.abspath(self.run_dir)])
-        if inside != os.path.abspath(self.run_dir):
-            try:
-                lease = self.settings.checkpoint.lock_lease_seconds
-                self._locks.append(RunLock(c, lease_seconds=lease).acquire())
-            except OSError as exc:
-                raise CheckpointSaveError(f"cannot write to checkpoint.dir {c}: {exc}") from exc
+                self._claims.release()
 
     @property
     def _exit(self) -> dict[str, int]:
         return {"exit_code": self.settings.trainer.exit_code_preempted}
 
-    def _refuse_if_sweep_stopping(self) -> None:
-        """A job that a sweep's launcher starts after the sweep was told to stop (a queued
-        job handed to a freed worker) trains nothing (ckptkit.hydra_callbacks)."""
-        try:
-            from hydra.core.hydra_config import HydraConfig
-            from hydra.types import RunMode
-            from hydra.utils import to_absolute_path
-
-            if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-                return
-            sweep_dir = to_absolute_path(str(HydraConfig.get().sweep.dir))
-        except Exception:  # noqa: BLE001 - not under Hydra, or no sweep directory
-            return
-        from ckptkit.hydra_callbacks import sweep_stopping
-
-        notice = sweep_stopping(sweep_dir)
-        if notice is not None:
-            stop = SweepStopping(
-                self.settings.trainer.exit_code_preempted,
-                f"the sweep in {sweep_dir} is stopping ({notice}): this job did not start; run the "
-                "same command again to continue the sweep",
-            )
-            log.warning("%s", stop)
-            raise stop
-
     def _check_locks(self, quick: bool = False) -> None:
-        """Raise :class:`~ckptkit.RunTakenOverError` once another launch took this run over
-        (the commit points call it; ``quick``: only what the lock's beat already found)."""
-        for lock in self._locks:
-            if quick:
-                if lock.fenced is not None:
-                    raise lock.fenced
-            else:
-                lock.check()
+        """The fence of every commit point (see :meth:`ckptkit.claims.RunClaims.check`)."""
+        self._claims.check(quick)
 
     def _peer_lost(self, exc: Exception) -> PeerLost:
         """A collective failed under multi_worker: a peer died or became unreachable. The
