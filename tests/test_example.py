@@ -191,7 +191,7 @@ def test_ckptkit_errors_are_one_message_without_a_traceback(tmp_path, override, 
 
 
 def _readme_block(after: str, lang: str) -> str:
-    text = open(os.path.join(REPO, "README.md")).read()
+    text = open(os.path.join(REPO, "docs", "own-project.md")).read()  # linked from the README
     start = text.index(f"```{lang}\n", text.index(after)) + len(lang) + 4
     return text[start : text.index("```", start)]
 
@@ -200,7 +200,7 @@ def _readme_block(after: str, lang: str) -> str:
 def test_your_own_project_from_the_readme_runs_outside_the_repository(tmp_path):
     """The README's two files in an empty directory: ckptkit's groups come from the
     installed package (ConfigStore), not from this repository's configs/."""
-    (tmp_path / "config.yaml").write_text(_readme_block("### Your own project", "yaml"))
+    (tmp_path / "config.yaml").write_text(_readme_block("# Your own project", "yaml"))
     (tmp_path / "train.py").write_text(_readme_block("`train.py`, next to it:", "python"))
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
     proc = subprocess.run(
