@@ -113,7 +113,7 @@ def rows(cls: type = config.RunConfig, prefix: str = "") -> list[tuple[str, str,
         key = prefix + ("from" if f.name == "from_" else f.name)
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            out += rows(tp, key + ".")
+            out += rows(typing.cast(type, tp), key + ".")
             continue
         name = ANY_TYPES.get(key, "any") if tp is Any else _type_name(tp)
         default = _default(f)

@@ -1,4 +1,5 @@
-"""Resuming a run: the newest readable checkpoint, and what changed in the config.
+"""Resuming a run: the newest readable checkpoint, and what changed in the config; or, with
+nothing to resume, a warm start (:func:`resume_or_warm_start`, which ``fit()`` calls).
 
 Resume restores the newest checkpoint; if its files are unreadable (truncated, missing a
 shard, corrupt), it says so, naming the file, and falls back to the next older one; the
@@ -10,18 +11,25 @@ model (a shape changed), the error names the config keys that changed.
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
+from ckptkit import storage
 from ckptkit.checkpointer import Checkpointer
+from ckptkit.config import to_dict
 from ckptkit.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CheckpointUnreadableError,
     DataPipelineError,
 )
+from ckptkit.ownership import claim_checkpoint_dir
 from ckptkit.policies import CheckpointInfo
+from ckptkit.runinfo import RUN_FILE, read_run_record
+from ckptkit.transfer import RestoreReport, restore_optimizer, restore_partial
 
 log = logging.getLogger("ckptkit")
 
@@ -107,3 +115,77 @@ def restore_newest_readable(checkpointer: Checkpointer, changes: list[Change] | 
 
 def require_checkpoint(directory: str) -> CheckpointNotFoundError:
     return CheckpointNotFoundError(f"checkpoint.resume=must but {directory} holds no checkpoint to resume from")
+
+
+def run_config_changes(tr: Any):
+    """Differences between the config this run was started with and the current one."""
+    try:
+        old = read_run_record(tr.run_dir).get("config")
+    except Exception as exc:  # noqa: BLE001 - a missing or bad record only loses the diff
+        log.warning("cannot compare with the run's previous config (%s)", exc)
+        return []
+    changes = config_changes(old or {}, to_dict(tr.cfg, resolve=True))
+    if changes:
+        log.warning(
+            "config changed since the run's last launch (%s): %s",
+            os.path.join(tr.run_dir, RUN_FILE),
+            format_changes(changes),
+        )
+    return changes
+
+
+def _start_over(tr: Any) -> None:
+    """``checkpoint.resume=never`` with checkpoints there: move them aside (nothing deleted),
+    build afresh and claim the fresh directory. Every worker takes this path when the chief
+    does (building again creates the variables with collectives, in step on all workers)."""
+    c = tr.settings.checkpoint
+    if tr.is_chief:
+        moved = f"{c.dir.rstrip('/')}-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        tr._claims.let_go_of(c.dir)  # its lock records move with it; the fresh one gets a new lock
+        storage.rename(c.dir, moved)
+        log.warning(
+            "checkpoint.resume=never: moved the existing checkpoints aside to %s (nothing deleted); starting fresh",
+            moved,
+        )
+    tr.checkpointer.close()
+    tr._built = False
+    tr.build()
+    if tr.is_chief:  # the lock and owner record moved with them
+        tr._claims.take_checkpoint_dir(tr.run_dir, c.dir)
+        claim_checkpoint_dir(c.dir, tr.run_dir)
+    else:
+        tr.checkpointer._forget_existing()  # what it listed before the chief's move
+
+
+def resume_or_warm_start(tr: Any) -> tuple[int | None, RestoreReport | None]:
+    """Restore the run's newest readable checkpoint (``checkpoint.resume``), else warm-start
+    from ``checkpoint.init_from``; returns (the step resumed from, the warm-start report)."""
+    c = tr.settings.checkpoint
+    if c.resume == "never" and tr.distribution.agree(bool(tr.checkpointer.checkpoints)):
+        _start_over(tr)
+    ckpt = tr.checkpointer
+    if ckpt.checkpoints and c.resume != "never":
+        changes = run_config_changes(tr)
+        info = restore_newest_readable(ckpt, changes)
+        assert info is not None  # None only when there is no checkpoint at all
+        log.info("resumed from %s at step %d", info.path, int(tr.global_step.numpy()))
+        if c.init_from.path:
+            log.info("checkpoint.init_from.path ignored: the run resumes from its own checkpoint")
+        return info.step, None
+    if c.resume == "must":
+        raise require_checkpoint(c.dir)
+    if c.init_from.path:
+        f = c.init_from
+        report = restore_partial(
+            tr.model,
+            c.init_from.path,
+            include=f.include,
+            exclude=f.exclude,
+            rename=f.rename,
+            strict=f.strict,
+            which=f.which,
+        )
+        if f.optimizer:
+            restore_optimizer(tr.optimizer, report.source)
+        return None, report
+    return None, None

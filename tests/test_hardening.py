@@ -20,6 +20,7 @@ from procs import ENV, TOY_RUN, run, start
 import ckptkit
 from ckptkit import export as export_lib
 from ckptkit import lock_records, metadata, runlock
+from ckptkit.controller import Controller
 from ckptkit.runlock import CLAIMS_DIR, LOCK_FILE, RunLock, RunLockedError
 
 
@@ -347,17 +348,17 @@ def test_a_run_taken_over_stops_before_its_next_commit(tmp_path, monkeypatch):
     run = tmp_path / "run"
     cfg = make_cfg(run, **{"trainer.max_steps": 400, "checkpoint.save_every_steps": 10})
     trainer = ToyTrainer(cfg)
-    original = trainer._save
+    original = Controller.save
 
-    def save_then_be_taken_over(step, metrics):
-        path = original(step, metrics)
+    def save_then_be_taken_over(controller, step, metrics):
+        path = original(controller, step, metrics)
         if step == 20:
             trainer.checkpointer.wait()
             gen = runlock.claims_in(str(run))[-1]
             _claim_of(run, gen + 1, host="node-2", pid=999)
         return path
 
-    monkeypatch.setattr(trainer, "_save", save_then_be_taken_over)
+    monkeypatch.setattr(Controller, "save", save_then_be_taken_over)
     with pytest.raises(ckptkit.RunTakenOverError, match="taken over by process 999 on node-2"):
         trainer.fit()
     assert steps_on_disk(run / "checkpoints") == [10, 20]

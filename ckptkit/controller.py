@@ -1,0 +1,342 @@
+"""The outer loop: a short loop over small actions (orbit's ``Controller`` draws the same line:
+the loop and its periodic actions here, the steps in the user's ``train_step``).
+
+Each call of the compiled train loop runs ``trainer.steps_per_loop`` steps, cut short at the
+next step where an action is due (:func:`next_boundary`). After each call, in this order:
+
+========================  ==========================================================
+action                    due (its rule, a pure function below)
+========================  ==========================================================
+evaluate                  every ``trainer.eval_every_steps`` and at the last step
+track the best            after an evaluation: a better, finite ``checkpoint.best.metric``
+save                      the save policy (``policies.py``: steps, seconds, new best,
+                          the end, a stop), agreed on by every worker
+check train metrics       when logged, saved or shown: finite, else nothing more is saved
+write summaries and log   every ``trainer.log_every_steps`` and at the last step
+report progress           every call while the bar is on
+export on a new best      after a save on a new best, with ``export.on_best``
+========================  ==========================================================
+
+Before each call the loop checks for a stop: a signal (one process), fewer steps than asked
+(several workers: another worker's signal), or the run lock taken over (the fence). Where
+"when we save" changes: :func:`save_policy` and ``policies.py``; "what happens on SIGTERM":
+``preemption.py`` sets the flag the compiled loop reads, this loop stops and saves, and
+``launch.py`` exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from ckptkit import export as export_lib
+from ckptkit import loop as loop_lib
+from ckptkit.errors import CheckpointSaveError, ConfigError, DataPipelineError, NonFiniteError
+from ckptkit.policies import (
+    AnySave,
+    CheckpointInfo,
+    SaveAtEnd,
+    SaveAtSteps,
+    SaveContext,
+    SaveEveryNSeconds,
+    SaveEveryNSteps,
+    SaveOnNewBest,
+    SaveOnPreemption,
+    SavePolicy,
+    is_better,
+)
+
+log = logging.getLogger("ckptkit")
+
+
+def fmt(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+# --- the rules: when each action is due -------------------------------------------------
+
+
+def next_boundary(step: int, trainer_cfg: Any, checkpoint_cfg: Any) -> int:
+    """The step at which the loop call starting at ``step`` must stop for an action."""
+    t, c = trainer_cfg, checkpoint_cfg
+    target = min(t.max_steps, step + t.steps_per_loop)
+    for period in (t.log_every_steps, t.eval_every_steps, c.save_every_steps):
+        if period:
+            target = min(target, (step // period + 1) * period)
+    later = [int(s) for s in c.save_at_steps if int(s) > step]
+    return min([target] + later)
+
+
+def eval_due(step: int, final: bool, every: int | None, has_eval: bool) -> bool:
+    return has_eval and (bool(every and step % every == 0) or final)
+
+
+def log_due(step: int, final: bool, every: int) -> bool:
+    return step % every == 0 or final
+
+
+def metrics_needed(logging_now: bool, saving_now: bool, progress_on: bool) -> bool:
+    """The train metrics leave the device only when something uses them (converting them
+    after every call costs a small model ~10% at steps_per_loop=1)."""
+    return logging_now or saving_now or progress_on
+
+
+def finite_check_due(logging_now: bool, saving_now: bool, coordinated: bool) -> bool:
+    """Always before a save; with several workers only where all of them check (all raise
+    together), else whenever the metrics are read."""
+    return logging_now or saving_now or not coordinated
+
+
+def export_on_best_due(new_best: bool, step_eval: Mapping | None, export_cfg: Any, preempted: bool, chief: bool):
+    return bool(new_best and step_eval and export_cfg.enabled and export_cfg.on_best and not preempted and chief)
+
+
+def save_policy(c: Any) -> AnySave:
+    """``checkpoint.*``'s save rules as one policy."""
+    policies: list[SavePolicy] = [SaveOnNewBest(), SaveAtEnd(), SaveOnPreemption()]
+    if c.save_every_steps:
+        policies.append(SaveEveryNSteps(c.save_every_steps))
+    if c.save_every_seconds:
+        policies.append(SaveEveryNSeconds(c.save_every_seconds))
+    if c.save_at_steps:
+        policies.append(SaveAtSteps(frozenset(int(s) for s in c.save_at_steps)))
+    return AnySave(tuple(policies))
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopState:
+    step: int
+    start_step: int
+    last_save_step: int | None
+    last_save_time: float
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    log_start: float = field(default_factory=time.time)
+    log_start_step: int = 0
+    unsaved_seconds: float = 0.0  # training time not yet added to train_state (done before saves)
+
+
+class Controller:
+    """Runs the outer loop of one launch for ``trainer`` (built, restored, accepted)."""
+
+    def __init__(self, trainer: Any):
+        self.tr = trainer
+        self.s = trainer.settings
+        self.policy = save_policy(self.s.checkpoint)
+        self._eval_fn: Any = None
+        self._position_reported = False  # the data position's size, logged at the first save
+
+    # --- the actions -------------------------------------------------------------------
+
+    def evaluate(self, eval_ds, step: int) -> dict[str, float]:
+        tr = self.tr
+        if self._eval_fn is None:
+            dist = tr.distribution
+            self._eval_fn = loop_lib.make_eval_step(tr.eval_step, dist if dist.distributed else None)
+        metrics = loop_lib.run_eval(self._eval_fn, eval_ds)
+        tr._summaries.scalars("eval", step, metrics)
+        log.info("eval at step %d: %s", step, fmt(metrics))
+        return metrics
+
+    def track_best(self, step: int, step_eval: dict[str, float] | None) -> bool:
+        """Record a new best value of ``checkpoint.best.metric``; True when there is one."""
+        metric, mode = self.s.checkpoint.best.metric, self.s.checkpoint.best.mode
+        if step_eval is None or not metric:
+            return False
+        if metric not in step_eval:
+            raise ConfigError(
+                "checkpoint.best.metric", f"{metric!r} is not among the eval metrics ({', '.join(sorted(step_eval))})"
+            )
+        value = step_eval[metric]
+        state = self.tr.train_state
+        best_value, _ = state.best()
+        if not np.isfinite(value) or not is_better(value, best_value, mode):
+            return False
+        log.info(
+            "new best %s=%.6g at step %d (was %s)",
+            metric,
+            value,
+            step,
+            "none" if best_value is None else f"{best_value:.6g}",
+        )
+        state.set_best(value, step)
+        self.tr._progress.best(metric, value, step)
+        return True
+
+    def save(self, step: int, metrics: Mapping[str, float] | None) -> str:
+        """Save ``step``, unless a model or optimizer variable is NaN or infinite: a loss
+        computed before the update can be finite while the update poisoned the weights, and
+        a poisoned checkpoint would be resumed from for ever."""
+        tr = self.tr
+        bad = tr._finite()
+        if bad:
+            raise NonFiniteError(
+                f"non-finite values at step {step} in {len(bad)} variable(s): "
+                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; nothing was saved at step "
+                f"{step}. {self.last_good()}"
+            )
+        path = tr.checkpointer.save(step, metrics=metrics)
+        if not self._position_reported:
+            self._position_reported = True
+            size = tr.checkpointer.data_position_bytes()
+            if size is not None:
+                log.info("data position: %.1f kB in each checkpoint", size / 1e3)
+        return path
+
+    def last_good(self) -> str:
+        """Which checkpoint the run resumes from, once the save in flight is on disk."""
+        ckpt = self.tr.checkpointer
+        try:
+            ckpt.wait()
+        except CheckpointSaveError as exc:
+            log.error("%s", exc)
+        latest = ckpt.latest
+        return (
+            f"The last good checkpoint is {latest.path} (step {latest.step}): the next launch resumes from it."
+            if latest
+            else "No checkpoint was saved before it."
+        )
+
+    def log_completed_saves(self) -> None:
+        tr = self.tr
+        for info in tr.checkpointer.drain_completed():
+            tr._summaries.scalars(
+                "checkpoint",
+                info.step,
+                {  # one "checkpoint" section of cards
+                    "checkpoint/save_seconds": info.save_seconds or 0.0,
+                    "checkpoint/blocking_seconds": info.blocking_seconds or 0.0,
+                    "checkpoint/size_mb": (info.size or 0) / 2**20,
+                },
+            )
+            tr._progress.saved(info.step)
+
+    def export_new_best(self, step: int, path: str, metrics: Mapping[str, float]) -> None:
+        tr, e = self.tr, self.s.export
+        info = tr.checkpointer.find(step) or CheckpointInfo(
+            step=step, path=path, time=time.time(), metrics=dict(metrics)
+        )
+        tr.export(source=info)
+        if e.max_to_keep:
+            tr._check_locks()
+            export_lib.prune_versions(e.dir, e.max_to_keep)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def run(self, eval_ds, step: int) -> tuple[int, dict[str, float], dict[str, float]]:
+        """Train from ``step`` to ``trainer.max_steps`` or a stop; returns (step, last train
+        metrics, last eval metrics)."""
+        tr = self.tr
+        latest = tr.checkpointer.latest
+        st = LoopState(step, step, latest.step if latest else None, tr.clock(), log_start_step=step)
+        # With several workers every decision to stop or save must be the same on all of
+        # them (each save and each step is a collective): the loop combines the workers'
+        # stop flags, and each save decision is agreed on. A worker only learns that another
+        # was preempted from a loop that ran fewer steps than asked.
+        coordinated = tr.distribution.multi_worker
+        tr._stopped = False
+        while st.step < self.s.trainer.max_steps and not tr._stopped and (coordinated or not tr.watch.requested):
+            tr._check_locks(quick=True)
+            out = self._call(st, coordinated)
+            if out is None:
+                break  # stopped before its first step; saved below if unsaved
+            self._after_call(st, out, eval_ds, coordinated)
+        self._finish(st, eval_ds)
+        return st.step, st.train_metrics, st.eval_metrics
+
+    def _call(self, st: LoopState, coordinated: bool) -> Any:
+        """One call of the compiled loop up to the next boundary; advances ``st.step``."""
+        tr = self.tr
+        n = next_boundary(st.step, self.s.trainer, self.s.checkpoint) - st.step
+        began = time.time()
+        try:
+            out = tr._train_fn(n)
+        except tf.errors.OutOfRangeError as exc:
+            raise DataPipelineError(
+                "train_dataset() yielded no batch"
+                + (f" after step {st.step}" if st.step > st.start_step else "")
+                + ": it is empty (check the data path, filters and batch size)"
+            ) from exc
+        st.unsaved_seconds += time.time() - began
+        if coordinated:
+            reached = int(tr.global_step.numpy())
+            tr._stopped = reached < st.step + n  # identical on every worker
+            if reached == st.step:
+                return None
+            st.step = reached
+        elif tr.watch.requested:
+            st.step = int(tr.global_step.numpy())
+            tr._stopped = True
+        else:
+            st.step += n
+        return out
+
+    def _after_call(self, st: LoopState, out: Any, eval_ds, coordinated: bool) -> None:
+        tr, t = self.tr, self.s.trainer
+        step = st.step
+        final = step >= t.max_steps
+        logging_now = log_due(step, final, t.log_every_steps)
+        step_eval = None
+        if eval_due(step, final, t.eval_every_steps, eval_ds is not None):
+            step_eval = st.eval_metrics = self.evaluate(eval_ds, step)
+        new_best = self.track_best(step, step_eval)
+        ctx = SaveContext(
+            step=step,
+            now=tr.clock(),
+            last_save_step=st.last_save_step,
+            last_save_time=st.last_save_time,
+            new_best=new_best,
+            final=final,
+            preempted=tr._stopped,
+        )
+        saving_now = self.policy.should_save(ctx)
+        if coordinated:
+            saving_now = tr.distribution.agree(saving_now)
+        if metrics_needed(logging_now, saving_now, tr._progress.enabled):
+            st.train_metrics = loop_lib.to_python(out)
+            if finite_check_due(logging_now, saving_now, coordinated) and not loop_lib.all_finite(st.train_metrics):
+                raise NonFiniteError(
+                    f"non-finite train metrics at step {step}: {fmt(st.train_metrics)}; "
+                    f"nothing was saved after it. {self.last_good()}"
+                )
+            rate = (step - st.log_start_step) / max(time.time() - st.log_start, 1e-9)
+            tr._progress.update(step, st.train_metrics, rate)
+        self.log_completed_saves()
+        if logging_now:
+            rate = (step - st.log_start_step) / max(time.time() - st.log_start, 1e-9)
+            tr._summaries.scalars("train", step, {**st.train_metrics, "steps_per_sec": rate})
+            log.info("step %d/%d  %s  (%.0f steps/s)", step, t.max_steps, fmt(st.train_metrics), rate)
+            st.log_start, st.log_start_step = time.time(), step
+        if saving_now:
+            tr.train_state.add_time(st.unsaved_seconds)
+            st.unsaved_seconds = 0.0
+            path = self.save(step, step_eval)
+            st.last_save_step, st.last_save_time = step, ctx.now
+            if export_on_best_due(new_best, step_eval, self.s.export, ctx.preempted, tr.is_chief):
+                self.export_new_best(step, path, step_eval or {})
+
+    def _finish(self, st: LoopState, eval_ds) -> None:
+        """After the loop: save the step reached if it is not saved; ``max_steps=0`` saves the
+        model as built (and warm-started) as step 0."""
+        tr, s = self.tr, self.s
+        tr.train_state.add_time(st.unsaved_seconds)
+        if st.step > st.start_step and st.last_save_step != st.step:
+            self.save(st.step, st.eval_metrics or None)
+        elif s.trainer.max_steps == 0 and tr.checkpointer.latest is None and not tr.watch.requested:
+            st.eval_metrics = self.evaluate(eval_ds, 0) if eval_ds is not None else {}
+            self.track_best(0, st.eval_metrics or None)
+            self.save(0, st.eval_metrics or None)
+            log.info(
+                "trainer.max_steps=0: nothing trained; the model as built%s is saved as step 0%s",
+                " and warm-started from " + str(s.checkpoint.init_from.path) if s.checkpoint.init_from.path else "",
+                ", to be exported" if s.export.enabled else "",
+            )
