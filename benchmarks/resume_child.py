@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def main():
     kind, run_dir, mode = sys.argv[1:4]
     import tensorflow as tf
-    from run import make_step, mlp, small_data
+    from workload_loop import make_step, mlp, small_data
 
     steps = 50 if mode == "first" else 1
     if kind == "manager":
@@ -32,7 +32,7 @@ def main():
         if mode == "first":
             manager.save()
         return
-    from run import MLPTrainer
+    from workload_loop import MLPTrainer
 
     cfg = {
         "name": "resume",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import datetime
 import logging
 import os
 import secrets
@@ -30,26 +29,16 @@ from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
-from ckptkit import metadata, storage, transfer
+from ckptkit import checkpoint_files, checkpoint_restore, metadata, storage, transfer
 from ckptkit._compat import patch_keras_async_checkpoint, patch_keras_checkpoint_children
+from ckptkit.checkpoint_book import CheckpointBook
 from ckptkit.errors import (
-    CheckpointMismatchError,
-    CheckpointNotFoundError,
     CheckpointSaveError,
-    CheckpointUnreadableError,
     CkptkitError,
-    DataPipelineError,
 )
-from ckptkit.iterator_state import IteratorCheckpoint, is_dataset_iterator, peek
+from ckptkit.iterator_state import IteratorCheckpoint, is_dataset_iterator
 from ckptkit.policies import (
     CheckpointInfo,
-    KeepAny,
-    KeepBest,
-    KeepEveryNHours,
-    KeepNewest,
-    RetentionPolicy,
-    metric_value,
-    rank_best,
 )
 
 log = logging.getLogger("ckptkit")
@@ -82,12 +71,13 @@ class Checkpointer:
         fence: Callable[[], None] | None = None,
         **trackables,
     ):
-        if max_to_keep is not None and max_to_keep < 1:
-            raise ValueError(f"`max_to_keep` ({max_to_keep}) must be a positive integer or None.")
-        if best_mode not in ("min", "max"):
-            raise ValueError(f"`best_mode` ({best_mode!r}) must be 'min' or 'max'.")
-        if best_keep < 1:
-            raise ValueError(f"`best_keep` ({best_keep}) must be a positive integer.")
+        book = CheckpointBook(  # checks the retention arguments before anything is touched
+            max_to_keep=max_to_keep,
+            best_metric=best_metric,
+            best_mode=best_mode,
+            best_keep=best_keep,
+            keep_every_n_hours=keep_every_n_hours,
+        )
         if not trackables:
             raise ValueError("Checkpointer needs at least one trackable, e.g. model=my_model.")
         self.directory = str(directory)
@@ -107,13 +97,6 @@ class Checkpointer:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.async_save = async_save
-        policies: list[RetentionPolicy] = [KeepNewest(max_to_keep)]
-        if best_metric:
-            policies.append(KeepBest(best_metric, best_mode, best_keep))
-        if keep_every_n_hours:
-            policies.append(KeepEveryNHours(keep_every_n_hours))
-        self.retention = KeepAny(tuple(policies))
-        self.best_keep = best_keep
         patch_keras_checkpoint_children()
         if async_save:
             patch_keras_async_checkpoint()
@@ -134,8 +117,10 @@ class Checkpointer:
         # checkpoints; create it up front so sync and async checkpoints hold the same objects
         # and a restore can insist that every value was used.
         self._checkpoint.save_counter  # noqa: B018 - property access creates the variable
-        self._lock = threading.Lock()
-        self._records: dict[int, CheckpointInfo] = {c.step: c for c in metadata.scan(self.directory)}
+        self._lock = threading.Lock()  # one bookkeeping write at a time; the completed list
+        self.book = book
+        for c in metadata.scan(self.directory):
+            book.add(c)
         state_file = os.path.join(self.directory, metadata.STATE_FILE)
         if tf.io.gfile.exists(state_file):
             try:
@@ -156,30 +141,31 @@ class Checkpointer:
     @property
     def checkpoints(self) -> list[CheckpointInfo]:
         """The recorded checkpoints, oldest first (an async save counts once written)."""
-        with self._lock:
-            return sorted(self._records.values(), key=lambda c: c.step)
+        return self.book.all()
 
     @property
     def latest(self) -> CheckpointInfo | None:
-        ckpts = self.checkpoints
-        return ckpts[-1] if ckpts else None
+        return self.book.latest
 
     @property
     def best(self) -> CheckpointInfo | None:
         """The best checkpoint by ``best_metric`` (None without a metric or a finite value)."""
-        if not self.best_metric:
-            return None
-        ranked = rank_best(self.checkpoints, self.best_metric, self.best_mode)
-        return ranked[0] if ranked else None
+        return self.book.best
+
+    @property
+    def retention(self):
+        return self.book.retention
+
+    @property
+    def best_keep(self) -> int:
+        return self.book.best_keep
 
     def _forget_existing(self) -> None:
         """A worker's view when the chief starts over (``checkpoint.resume=never``)."""
-        with self._lock:
-            self._records.clear()
+        self.book.clear()
 
     def best_value(self) -> float | None:
-        b = self.best
-        return None if b is None or not self.best_metric else metric_value(b, self.best_metric)
+        return self.book.best_value()
 
     # --- saving --------------------------------------------------------------------------
 
@@ -197,13 +183,11 @@ class Checkpointer:
             return self._save_as_worker(step, self.worker_dir)
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         prefix = metadata.checkpoint_prefix(self.directory, step)
-        with self._lock:
-            existing = self._records.get(step)
+        existing = self.book.get(step)
         pending = self._pending
         if existing is None and pending is not None and pending.step == step:
             self.wait()
-            with self._lock:
-                existing = self._records.get(step)
+            existing = self.book.get(step)
         if existing is not None:
             if metrics:
                 merged = dict(existing.metrics or {})
@@ -238,7 +222,7 @@ class Checkpointer:
             self._checkpoint.write(prefix, options=options)
         except Exception as exc:  # noqa: BLE001 - re-raised with the path named
             self._pending = None
-            if previous is not None and previous.step not in self._records:
+            if previous is not None and self.book.get(previous.step) is None:
                 raise CheckpointSaveError(
                     f"saving checkpoint {previous.path} failed in the background: {self._failure(previous.path, exc)}"
                 ) from exc
@@ -261,33 +245,28 @@ class Checkpointer:
 
     def find(self, step: int) -> CheckpointInfo | None:
         """The checkpoint of ``step``: recorded, or the save of it still in flight."""
-        with self._lock:
-            found = self._records.get(step)
+        found = self.book.get(step)
         pending = self._pending
         return found or (pending if pending is not None and pending.step == step else None)
 
     def _move_aside(self, paths: list[str]) -> str:
-        """Move ``paths`` (links as links) into a fresh ``<directory>/unreadable/<time>/``."""
-        stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-        into = os.path.join(self.directory, metadata.UNREADABLE_DIR, stamp)
-        self._fence()
-        for p in paths:
-            storage.move_aside(p, into)
-        return into
+        return checkpoint_files.move_aside(self.directory, paths, self._fence)
 
     def _clear_the_way(self, step: int) -> None:
-        """Move aside whatever already bears the names a save of ``step`` writes (a planted
-        link, an unreadable checkpoint's remains): TensorFlow would write through a link."""
-        in_the_way = metadata.names_in_the_way(self.directory, step)
-        if not in_the_way:
-            return
-        into = self._move_aside(in_the_way)
-        log.warning(
-            "moved %s aside to %s: they were in the way of the save of step %d (nothing deleted)",
-            ", ".join(os.path.basename(p) for p in in_the_way),
-            into,
-            step,
-        )
+        checkpoint_files.clear_the_way(self.directory, step, self._fence)
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete what saves interrupted by a crash left in the directory (see
+        :func:`ckptkit.checkpoint_files.remove_leftovers`). Call it only while no other
+        process saves here (the Trainer holds the run lock). Returns the paths removed."""
+        if self.worker_dir or self._pending is not None:
+            return []
+        return checkpoint_files.remove_leftovers(self.directory, self._fence)
+
+    def _failure(self, prefix: str, exc: object) -> str:
+        latest = self.latest
+        needed = latest.size if latest and latest.size else (self.estimated_size() or None)
+        return checkpoint_files.failure(self.directory, prefix, exc, needed)
 
     def set_aside(self, info: CheckpointInfo, reason: str) -> str | None:
         """Take the unreadable checkpoint ``info`` out of the run: its files move to
@@ -295,8 +274,7 @@ class Checkpointer:
         latest or best, holds no retention slot, and its step is saved again for real when
         training reaches it. Returns where the files went (None on a worker, which only
         forgets it: the chief moves the files)."""
-        with self._lock:
-            self._records.pop(info.step, None)
+        self.book.forget(info.step)
         if self.worker_dir:
             return None
         into = self._move_aside(metadata.checkpoint_files(info.path))
@@ -310,30 +288,11 @@ class Checkpointer:
         self._write_bookkeeping()
         return into
 
-    def remove_leftovers(self) -> list[str]:
-        """Delete what saves interrupted by a crash left in the directory (TensorFlow's
-        ``ckpt-<step>_temp/`` shards, data shards of a step without index, ckptkit's own
-        temporary files): only those names, and only real files and directories, never
-        links. Call it only while no other process saves here (the Trainer holds the run
-        lock). Returns the paths removed."""
-        if self.worker_dir or self._pending is not None:
-            return []
-        self._fence()
-        removed = [p for p in metadata.leftovers(self.directory) if storage.remove_tree(p) or storage.remove_file(p)]
-        if removed:
-            log.info(
-                "removed what interrupted saves left in %s: %s",
-                self.directory,
-                ", ".join(os.path.basename(p) for p in removed),
-            )
-        return removed
-
     def _save_as_worker(self, step: int, worker_dir: str) -> str:
         """A non-chief worker's part in the save of ``step``, written into ``worker_dir``;
         returns the chief's path."""
         chief_path = metadata.checkpoint_prefix(self.directory, step)
-        with self._lock:
-            known = step in self._records
+        known = self.book.get(step) is not None
         if known or step in self._worker_saved:  # the chief skips this save too
             return chief_path
         self._worker_saved.add(step)
@@ -363,29 +322,6 @@ class Checkpointer:
                 f"cannot remove this worker's temporary checkpoint directory {worker_dir}: {exc}"
             )
 
-    def _failure(self, prefix: str, exc: object) -> str:
-        """What went wrong writing ``prefix``, with the space situation when the disk is full."""
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        step = metadata.step_of(prefix)
-        for path in metadata.names_in_the_way(os.path.dirname(prefix), step) if step is not None else []:
-            if metadata.is_shard_temporary(os.path.basename(path)):
-                storage.remove_tree(path)  # TensorFlow's partial shards of this save: useless now
-        if "space left" in text.lower() or "ENOSPC" in text:
-            latest = self.latest
-            needed = latest.size if latest and latest.size else (self.estimated_size() or None)
-            try:
-                st = os.statvfs(self.directory)
-                free = st.f_bavail * st.f_frsize
-            except OSError:
-                free = None
-            text = (
-                f"the disk holding {self.directory} is full ({free if free is not None else '?'} "
-                f"bytes free, about {needed if needed else '?'} bytes needed for one checkpoint); "
-                f"free space and launch again: the run resumes from its last complete "
-                f"checkpoint ({text})"
-            )
-        return text
-
     def estimated_size(self) -> int:
         """Bytes of the variables a checkpoint holds (what one needs on disk, about)."""
         seen, total = set(), 0
@@ -404,7 +340,7 @@ class Checkpointer:
         self._checkpoint.sync()
         pending, self._pending = self._pending, None
         self._raise_background_error()
-        if pending is not None and pending.step not in self._records:
+        if pending is not None and self.book.get(pending.step) is None:
             impl = getattr(self._checkpoint, "_async_checkpointer_impl", None)
             cause = getattr(impl, "_async_error", None)
             if impl is not None:
@@ -472,26 +408,18 @@ class Checkpointer:
 
     def _record(self, info: CheckpointInfo) -> None:
         """Add ``info``, write metadata and state file for what is kept, delete the rest."""
-        with self._lock:
-            self._records[info.step] = info
+        self.book.add(info)
         self._write_bookkeeping()
 
     def _write_bookkeeping(self) -> None:
         """Write metadata and state file for the checkpoints kept; delete the others."""
         with self._lock:
-            ckpts = sorted(self._records.values(), key=lambda c: c.step)
-            kept_steps = self.retention.keep(ckpts)
-            kept = [c for c in ckpts if c.step in kept_steps]
-            dropped = [c for c in ckpts if c.step not in kept_steps]
-            best = (
-                [c.step for c in rank_best(kept, self.best_metric, self.best_mode)[: self.best_keep]]
-                if self.best_metric
-                else []
-            )
+            plan = self.book.settle()
+            kept, dropped = plan.kept, plan.dropped
             self._fence()
             tf.io.gfile.makedirs(self.directory)
             metadata.write_metadata(
-                self.directory, kept, best=best, best_metric=self.best_metric, best_mode=self.best_mode
+                self.directory, kept, best=plan.best, best_metric=self.best_metric, best_mode=self.best_mode
             )
             self._fence()
             metadata.write_state_file(self.directory, kept)
@@ -501,7 +429,7 @@ class Checkpointer:
             for c in dropped:
                 for f in metadata.checkpoint_files(c.path, names):
                     storage.remove_file(f)
-                del self._records[c.step]
+                self.book.forget(c.step)
                 log.info("deleted checkpoint %s (step %d) by retention", c.path, c.step)
 
     def _layer_names(self) -> dict[str, str] | None:
@@ -519,62 +447,10 @@ class Checkpointer:
 
         Every existing object must receive a value, else CheckpointMismatchError names the
         first one that did not. ``assert_consumed`` also requires every value in the
-        checkpoint to find its object (use it once all variables exist).
+        checkpoint to find its object (use it once all variables exist). See
+        :mod:`ckptkit.checkpoint_restore`.
         """
-        if not tf.io.gfile.exists(path + ".index"):
-            raise CheckpointNotFoundError(f"no checkpoint at {path} (missing {path}.index)")
-        with_data = True
-        if self.data_check is not None and self._iterators:
-            step = metadata.step_of(path)
-            with self._lock:
-                info = self._records.get(step) if step is not None else None
-            with_data = self.data_check(info or CheckpointInfo(step=step or -1, path=path, time=0.0))
-        try:
-            if with_data:
-                status = self._checkpoint.read(path)
-            else:  # everything but the data position, which starts afresh
-                status = tf.train.Checkpoint(
-                    **{k: v for k, v in self._trackables.items() if not isinstance(v, IteratorCheckpoint)}
-                ).read(path)
-            if assert_consumed and with_data:
-                status.assert_consumed()
-            else:
-                status.assert_existing_objects_matched()
-        except AssertionError as exc:
-            raise CheckpointMismatchError(
-                f"checkpoint {path} does not match the objects it is restored into: "
-                f"{str(exc).splitlines()[0]}; was it written by another model or config?"
-            ) from exc
-        except (tf.errors.OpError, IndexError) as exc:  # IndexError: a truncated data file
-            message = getattr(exc, "message", None) or str(exc)
-            if "DeserializeIterator" in message or "restore dataset iterator" in message:
-                raise self._pipeline_changed(path, message) from exc
-            raise CheckpointUnreadableError(f"checkpoint {path} is unreadable ({message.splitlines()[0]})") from exc
-        except ValueError as exc:
-            raise CheckpointMismatchError(f"cannot restore checkpoint {path}: {exc}") from exc
-        status.expect_partial()
-        for it in self._iterators if with_data else ():  # a restored position must also produce a batch
-            try:
-                peek(it.iterator)
-            except tf.errors.OutOfRangeError:
-                pass
-            except tf.errors.OpError as exc:
-                raise self._pipeline_changed(path, exc.message) from exc
-        step = metadata.step_of(path)
-        return int(step) if step is not None else -1
-
-    @staticmethod
-    def _pipeline_changed(path: str, message: str) -> DataPipelineError:
-        detail = " ".join(message.split())
-        detail = detail.split("}}")[-1].strip()[:300]
-        return DataPipelineError(
-            f"the data position saved in checkpoint {path} does not fit the current training "
-            f"dataset: its pipeline changed since the checkpoint was written (batch size, "
-            f"shuffle, map or repeat steps, element shapes): {detail}. To resume exactly, "
-            "restore the pipeline the checkpoint was written with; to keep the new pipeline, "
-            f"start a new run (another name or run_dir) from these weights with "
-            f"checkpoint.init_from.path={path}."
-        )
+        return checkpoint_restore.restore(self, path, assert_consumed=assert_consumed)
 
     def restore_latest(self, *, assert_consumed: bool = False) -> int | None:
         """Restore the newest checkpoint; return its step, or None if there is none."""

@@ -1,0 +1,84 @@
+"""The file operations of a checkpoint directory beyond TensorFlow's own writes: moving
+aside what stands in a save's way or cannot be read (``unreadable/<time>/``, nothing is
+deleted), removing what interrupted saves left, and saying what a failed write means (a full
+disk: the bytes free and needed). Each takes the directory's fence (the run lock's check).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import secrets
+from collections.abc import Callable
+
+from ckptkit import metadata, storage
+
+log = logging.getLogger("ckptkit")
+
+
+def _no_fence() -> None:
+    return None
+
+
+def move_aside(directory: str, paths: list[str], fence: Callable[[], None] = _no_fence) -> str:
+    """Move ``paths`` (links as links) into a fresh ``<directory>/unreadable/<time>/``."""
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    into = os.path.join(directory, metadata.UNREADABLE_DIR, stamp)
+    fence()
+    for p in paths:
+        storage.move_aside(p, into)
+    return into
+
+
+def clear_the_way(directory: str, step: int, fence: Callable[[], None] = _no_fence) -> None:
+    """Move aside whatever already bears the names a save of ``step`` writes (a planted
+    link, an unreadable checkpoint's remains): TensorFlow would write through a link."""
+    in_the_way = metadata.names_in_the_way(directory, step)
+    if not in_the_way:
+        return
+    into = move_aside(directory, in_the_way, fence)
+    log.warning(
+        "moved %s aside to %s: they were in the way of the save of step %d (nothing deleted)",
+        ", ".join(os.path.basename(p) for p in in_the_way),
+        into,
+        step,
+    )
+
+
+def remove_leftovers(directory: str, fence: Callable[[], None] = _no_fence) -> list[str]:
+    """Delete what saves interrupted by a crash left in ``directory`` (TensorFlow's
+    ``ckpt-<step>_temp/`` shards, data shards of a step without index, ckptkit's own
+    temporary files): only those names, and only real files and directories, never links."""
+    fence()
+    removed = [p for p in metadata.leftovers(directory) if storage.remove_tree(p) or storage.remove_file(p)]
+    if removed:
+        log.info(
+            "removed what interrupted saves left in %s: %s",
+            directory,
+            ", ".join(os.path.basename(p) for p in removed),
+        )
+    return removed
+
+
+def failure(directory: str, prefix: str, exc: object, needed: int | None) -> str:
+    """What went wrong writing ``prefix``, with the space situation when the disk is full
+    (``needed``: about how many bytes one checkpoint takes)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    step = metadata.step_of(prefix)
+    for path in metadata.names_in_the_way(os.path.dirname(prefix), step) if step is not None else []:
+        if metadata.is_shard_temporary(os.path.basename(path)):
+            storage.remove_tree(path)  # TensorFlow's partial shards of this save: useless now
+    if "space left" in text.lower() or "ENOSPC" in text:
+        try:
+            st = os.statvfs(directory)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = None
+        text = (
+            f"the disk holding {directory} is full ({free if free is not None else '?'} "
+            f"bytes free, about {needed if needed else '?'} bytes needed for one checkpoint); "
+            f"free space and launch again: the run resumes from its last complete "
+            f"checkpoint ({text})"
+        )
+    return text
