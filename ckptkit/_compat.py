@@ -12,6 +12,11 @@ test (two async saves of a Keras model, restored bit for bit).
 
 from __future__ import annotations
 
+import atexit
+import logging
+
+log = logging.getLogger("ckptkit")
+
 _patched = False
 
 
@@ -100,3 +105,22 @@ def patch_keras_checkpoint_children() -> None:
 
 
 _children_patched = False
+
+
+def end_async_save_thread(checkpoint) -> None:
+    """End the background save thread of ``checkpoint`` (a tf.train.Checkpoint), after the
+    save in flight.
+
+    TensorFlow keeps one thread (with an executor of its own) per async checkpoint for the
+    life of the process; a process that runs many trainings (a notebook, a sweep in one
+    process, the test suite) would keep them all. Errors of the save in flight are logged
+    here, never raised (this runs while another error may be on its way out)."""
+    impl = getattr(checkpoint, "_async_checkpointer_impl", None)
+    if impl is None:
+        return
+    try:
+        impl._join_async_save_thread()
+    except Exception as exc:  # noqa: BLE001 - reported by Checkpointer.wait(); here only logged
+        log.warning("the background save ended with an error: %s", str(exc).splitlines()[0][:300])
+    atexit.unregister(impl._join_async_save_thread)
+    checkpoint._async_checkpointer_impl = None

@@ -10,7 +10,8 @@ import datetime
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ckptkit import metadata, storage
 
@@ -82,3 +83,60 @@ def failure(directory: str, prefix: str, exc: object, needed: int | None) -> str
             f"checkpoint ({text})"
         )
     return text
+
+
+def check_state_file(directory: str) -> None:
+    """Warn when TensorFlow's ``checkpoint`` state file cannot be parsed (ckptkit finds
+    checkpoints by their files, and rewrites it at the next save)."""
+    import tensorflow as tf
+
+    state_file = os.path.join(directory, metadata.STATE_FILE)
+    if not tf.io.gfile.exists(state_file):
+        return
+    try:
+        tf.train.get_checkpoint_state(directory)
+    except Exception as exc:  # noqa: BLE001 - any parse error: report, then rewrite
+        log.warning(
+            "ignoring unreadable checkpoint state file %s (%s); ckptkit finds "
+            "checkpoints by their files, and rewrites it at the next save",
+            state_file,
+            str(exc).splitlines()[0][:200],
+        )
+
+
+def variables_size(trackables: Mapping[str, Any]) -> int:
+    import tensorflow as tf
+
+    """Bytes of the variables a checkpoint holds (what one needs on disk, about)."""
+    seen, total = set(), 0
+    for obj in trackables.values():
+        variables = [obj] if isinstance(obj, tf.Variable) else list(getattr(obj, "variables", []) or [])
+        for v in variables:
+            if id(v) in seen or not isinstance(v, tf.Variable) or not v.shape.is_fully_defined():
+                continue
+            seen.add(id(v))
+            if v.dtype.is_numpy_compatible and v.dtype != tf.string:
+                total += v.shape.num_elements() * v.dtype.size
+    return total
+
+
+def write_bookkeeping(directory: str, book: Any, *, best_metric, best_mode, fence: Callable[[], None] = _no_fence):
+    """Write ``metadata.json`` and the state file for the checkpoints ``book`` keeps, then
+    delete the files of those it drops (each step after the fence)."""
+    import tensorflow as tf
+
+    plan = book.settle()
+    fence()
+    tf.io.gfile.makedirs(directory)
+    metadata.write_metadata(directory, plan.kept, best=plan.best, best_metric=best_metric, best_mode=best_mode)
+    fence()
+    metadata.write_state_file(directory, plan.kept)
+    if not plan.dropped:
+        return
+    fence()
+    names = storage.listdir(directory)
+    for c in plan.dropped:
+        for f in metadata.checkpoint_files(c.path, names):
+            storage.remove_file(f)
+        book.forget(c.step)
+        log.info("deleted checkpoint %s (step %d) by retention", c.path, c.step)

@@ -18,10 +18,8 @@ the best checkpoints, and its state file would keep listing files deleted outsid
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import logging
-import os
 import secrets
 import threading
 import time
@@ -29,14 +27,14 @@ from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
-from ckptkit import checkpoint_files, checkpoint_restore, metadata, storage, transfer
-from ckptkit._compat import patch_keras_async_checkpoint, patch_keras_checkpoint_children
+from ckptkit import checkpoint_files, checkpoint_restore, checkpoint_worker, metadata, transfer
+from ckptkit._compat import end_async_save_thread, patch_keras_async_checkpoint, patch_keras_checkpoint_children
 from ckptkit.checkpoint_book import CheckpointBook
 from ckptkit.errors import (
     CheckpointSaveError,
     CkptkitError,
 )
-from ckptkit.iterator_state import IteratorCheckpoint, is_dataset_iterator
+from ckptkit.iterator_state import IteratorCheckpoint, wrap_iterators
 from ckptkit.policies import (
     CheckpointInfo,
 )
@@ -89,21 +87,15 @@ class Checkpointer:
         # reads the chief's checkpoints in `directory` and writes nothing there.
         self.worker_dir = None if worker_dir is None else str(worker_dir)
         self._worker_saved: set = set()
-        if self.worker_dir and storage.is_link(self.worker_dir):
-            into = self._move_aside([self.worker_dir])
-            log.warning("moved the link %s aside to %s: a worker writes into a real directory", self.worker_dir, into)
-        if self.worker_dir and storage.remove_tree(self.worker_dir):
-            log.info("removed %s, left by an earlier launch of this worker", self.worker_dir)
+        if self.worker_dir:
+            checkpoint_worker.prepare_worker_dir(self, self.worker_dir)
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.async_save = async_save
         patch_keras_checkpoint_children()
         if async_save:
             patch_keras_async_checkpoint()
-        # tf.data iterators are saved through IteratorCheckpoint (see iterator_state.py).
-        trackables = {
-            name: IteratorCheckpoint(obj) if is_dataset_iterator(obj) else obj for name, obj in trackables.items()
-        }
+        trackables = wrap_iterators(trackables)  # saved through IteratorCheckpoint (iterator_state.py)
         self._iterators = [t for t in trackables.values() if isinstance(t, IteratorCheckpoint)]
         self._trackables = dict(trackables)
         self._layer_names_record: dict[str, str] | None = None
@@ -121,17 +113,7 @@ class Checkpointer:
         self.book = book
         for c in metadata.scan(self.directory):
             book.add(c)
-        state_file = os.path.join(self.directory, metadata.STATE_FILE)
-        if tf.io.gfile.exists(state_file):
-            try:
-                tf.train.get_checkpoint_state(self.directory)
-            except Exception as exc:  # noqa: BLE001 - any parse error: report, then rewrite
-                log.warning(
-                    "ignoring unreadable checkpoint state file %s (%s); ckptkit finds "
-                    "checkpoints by their files, and rewrites it at the next save",
-                    state_file,
-                    str(exc).splitlines()[0][:200],
-                )
+        checkpoint_files.check_state_file(self.directory)
         self._pending: CheckpointInfo | None = None  # written in the background, not yet recorded
         self._completed: list[CheckpointInfo] = []  # saves recorded since drain_completed()
         self._background_error: BaseException | None = None
@@ -180,9 +162,8 @@ class Checkpointer:
         self._raise_background_error()
         self._fence()
         if self.worker_dir:
-            return self._save_as_worker(step, self.worker_dir)
+            return checkpoint_worker.save_as_worker(self, step, self.worker_dir)
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        prefix = metadata.checkpoint_prefix(self.directory, step)
         existing = self.book.get(step)
         pending = self._pending
         if existing is None and pending is not None and pending.step == step:
@@ -194,6 +175,12 @@ class Checkpointer:
                 merged.update(metrics)
                 self._record(dataclasses.replace(existing, metrics=merged))
             return existing.path
+        return self._write(step, metrics)
+
+    def _write(self, step: int, metrics: dict[str, float] | None) -> str:
+        """Start writing a new checkpoint of ``step`` (in the background with ``async_save``);
+        :meth:`_on_written` records it once its files are complete."""
+        prefix = metadata.checkpoint_prefix(self.directory, step)
         tf.io.gfile.makedirs(self.directory)
         self._clear_the_way(step)
         started = time.time()
@@ -288,52 +275,9 @@ class Checkpointer:
         self._write_bookkeeping()
         return into
 
-    def _save_as_worker(self, step: int, worker_dir: str) -> str:
-        """A non-chief worker's part in the save of ``step``, written into ``worker_dir``;
-        returns the chief's path."""
-        chief_path = metadata.checkpoint_prefix(self.directory, step)
-        known = self.book.get(step) is not None
-        if known or step in self._worker_saved:  # the chief skips this save too
-            return chief_path
-        self._worker_saved.add(step)
-        tf.io.gfile.makedirs(worker_dir)
-        if self._iterators:
-            self._checkpoint.sync()
-            for it in self._iterators:
-                it.snapshot()
-        options = tf.train.CheckpointOptions(
-            enable_async=self.async_save,
-            experimental_write_callbacks=[lambda _path: self._discard_worker_dir(worker_dir)],
-        )
-        prefix = metadata.checkpoint_prefix(worker_dir, step)
-        try:
-            self._checkpoint.write(prefix, options=options)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the path named
-            raise CheckpointSaveError(
-                f"this worker's part of checkpoint {chief_path} failed writing {prefix}: {self._failure(prefix, exc)}"
-            ) from exc
-        return chief_path
-
-    def _discard_worker_dir(self, worker_dir: str) -> None:
-        try:
-            storage.remove_tree(worker_dir)
-        except Exception as exc:  # noqa: BLE001 - surfaced in the training thread
-            self._background_error = CheckpointSaveError(
-                f"cannot remove this worker's temporary checkpoint directory {worker_dir}: {exc}"
-            )
-
     def estimated_size(self) -> int:
         """Bytes of the variables a checkpoint holds (what one needs on disk, about)."""
-        seen, total = set(), 0
-        for obj in self._trackables.values():
-            variables = [obj] if isinstance(obj, tf.Variable) else list(getattr(obj, "variables", []) or [])
-            for v in variables:
-                if id(v) in seen or not isinstance(v, tf.Variable) or not v.shape.is_fully_defined():
-                    continue
-                seen.add(id(v))
-                if v.dtype.is_numpy_compatible and v.dtype != tf.string:
-                    total += v.shape.num_elements() * v.dtype.size
-        return total
+        return checkpoint_files.variables_size(self._trackables)
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is written and recorded; raise its error."""
@@ -351,22 +295,9 @@ class Checkpointer:
             )
 
     def close(self) -> None:
-        """End TensorFlow's background save thread, after the save in flight.
-
-        TensorFlow keeps one thread (with an executor of its own) per async checkpoint for
-        the life of the process; a process that runs many trainings (a notebook, a sweep in
-        one process, the test suite) would keep them all. The Checkpointer stays usable: a
-        later async save starts a new thread. Errors of the save in flight are logged here,
-        never raised (close runs while another error may be on its way out)."""
-        impl = getattr(self._checkpoint, "_async_checkpointer_impl", None)
-        if impl is None:
-            return
-        try:
-            impl._join_async_save_thread()
-        except Exception as exc:  # noqa: BLE001 - reported by wait(); here only logged
-            log.warning("the background save ended with an error: %s", str(exc).splitlines()[0][:300])
-        atexit.unregister(impl._join_async_save_thread)
-        self._checkpoint._async_checkpointer_impl = None
+        """End TensorFlow's background save thread, after the save in flight (see
+        :func:`ckptkit._compat.end_async_save_thread`); a later async save starts a new one."""
+        end_async_save_thread(self._checkpoint)
 
     def drain_completed(self) -> list[CheckpointInfo]:
         """The saves completed since the last call (for logging them from the main thread)."""
@@ -414,23 +345,9 @@ class Checkpointer:
     def _write_bookkeeping(self) -> None:
         """Write metadata and state file for the checkpoints kept; delete the others."""
         with self._lock:
-            plan = self.book.settle()
-            kept, dropped = plan.kept, plan.dropped
-            self._fence()
-            tf.io.gfile.makedirs(self.directory)
-            metadata.write_metadata(
-                self.directory, kept, best=plan.best, best_metric=self.best_metric, best_mode=self.best_mode
+            checkpoint_files.write_bookkeeping(
+                self.directory, self.book, best_metric=self.best_metric, best_mode=self.best_mode, fence=self._fence
             )
-            self._fence()
-            metadata.write_state_file(self.directory, kept)
-            if dropped:
-                self._fence()
-                names = storage.listdir(self.directory)
-            for c in dropped:
-                for f in metadata.checkpoint_files(c.path, names):
-                    storage.remove_file(f)
-                self.book.forget(c.step)
-                log.info("deleted checkpoint %s (step %d) by retention", c.path, c.step)
 
     def _layer_names(self) -> dict[str, str] | None:
         """The names of the model's listed layers that its checkpoints cannot carry

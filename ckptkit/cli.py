@@ -337,15 +337,7 @@ def cmd_diff(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ckptkit",
-        description="Inspect, verify and export the checkpoints of ckptkit runs.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _add_ls(sub) -> None:
     ls = sub.add_parser(
         "ls",
         help="list the checkpoints of a run or checkpoint directory",
@@ -355,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("path", metavar="RUN_OR_CKPT_DIR")
     ls.set_defaults(func=cmd_ls)
+
+
+def _add_export(sub) -> None:
     exp = sub.add_parser(
         "export",
         help="export a run's best or last checkpoint as a SavedModel, without training",
@@ -384,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and serves the same signatures (it is reused otherwise, and the log says so)",
     )
     exp.set_defaults(func=cmd_export)
+
+
+def _add_verify(sub) -> None:
     ver = sub.add_parser(
         "verify",
         help="check that a checkpoint or a SavedModel is complete and readable",
@@ -402,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--load", action="store_true", help="also load the SavedModel with TensorFlow (runs its graph's initializers)"
     )
     ver.set_defaults(func=cmd_verify)
+
+
+def _add_inspect(sub) -> None:
     ins = sub.add_parser(
         "inspect",
         help="list a checkpoint's variables: object-graph paths, shapes, dtypes",
@@ -414,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ins.add_argument("path", metavar="CKPT")
     ins.set_defaults(func=cmd_inspect)
+
+
+def _add_diff(sub) -> None:
     dif = sub.add_parser(
         "diff",
         help="what a warm start from CKPT_A into CKPT_B's model would match",
@@ -449,6 +453,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="read CKPT_A's paths starting with OLD as starting with NEW; repeatable (checkpoint.init_from.rename)",
     )
     dif.set_defaults(func=cmd_diff)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckptkit",
+        description="Inspect, verify and export the checkpoints of ckptkit runs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_ls(sub)
+    _add_export(sub)
+    _add_verify(sub)
+    _add_inspect(sub)
+    _add_diff(sub)
     return parser
 
 

@@ -332,6 +332,68 @@ def _default_signal_actions() -> dict[int, Any]:
     return {s: h if h is not None else signal.SIG_DFL for s, h in old.items()}
 
 
+def _cluster_resolver():
+    """SLURM's cluster for a multi-task step without TF_CONFIG (None: TF_CONFIG's, checked to
+    be JSON, or no cluster at all)."""
+    resolver = None
+    if not os.environ.get("TF_CONFIG") and slurm_tasks() > 1:
+        resolver = slurm_cluster_resolver()
+        log.info(
+            "strategy.kind=multi_worker: the cluster from SLURM (job %s, %d tasks): %s",
+            os.environ.get("SLURM_JOB_ID", "?"),
+            slurm_tasks(),
+            resolver.cluster_spec().as_dict(),
+        )
+    elif not os.environ.get("TF_CONFIG"):
+        log.warning(
+            "strategy.kind=multi_worker without TF_CONFIG or a multi-task SLURM job step: running as a single worker"
+        )
+    else:
+        try:
+            json.loads(os.environ["TF_CONFIG"])
+        except ValueError as exc:
+            raise ConfigError(
+                "strategy.kind",
+                f"is multi_worker but TF_CONFIG is not JSON ({exc}): {os.environ['TF_CONFIG'][:200]}",
+            ) from exc
+    return resolver
+
+
+def _multi_worker(cfg: StrategyConfig) -> Distribution:
+    """The MultiWorkerMirroredStrategy of TF_CONFIG or of a multi-task SLURM step, created
+    while a watchdog says what it waits for (see :class:`_ConnectWatchdog`)."""
+    if cfg.cpu_devices and cfg.cpu_devices > 1:
+        _cpu_devices(cfg.cpu_devices)
+    resolver = _cluster_resolver()
+    watchdog = _ConnectWatchdog(cfg.connect_timeout_seconds, resolver)
+    # TensorFlow waits for the other tasks inside one C++ call: no Python signal handler
+    # runs until it returns. Nothing is trained or written yet, so SIGTERM and SIGINT take
+    # their default action meanwhile (the process ends at once; the watchdog says why).
+    defaults = _default_signal_actions()
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            "strategy.kind",
+            f"cannot create the MultiWorkerMirroredStrategy "
+            f"(check TF_CONFIG; the strategy must be created before TensorFlow's "
+            f"first operation in the process): {exc}",
+        ) from exc
+    finally:
+        for signum, handler in defaults.items():
+            signal.signal(signum, handler)
+        watchdog.cancel()
+    task_type, task_id, workers, chief = _task(strategy)
+    return Distribution(
+        "multi_worker",
+        strategy,
+        is_chief=chief,
+        task=f"{task_type} {task_id}",
+        task_id=task_id,
+        num_workers=workers,
+    )
+
+
 def create(cfg: StrategyConfig) -> Distribution:
     """The Distribution for ``cfg``; created once per process and settings."""
     key = (cfg.kind, cfg.cpu_devices)
@@ -349,57 +411,7 @@ def create(cfg: StrategyConfig) -> Distribution:
             strategy = tf.distribute.MirroredStrategy(_cpu_devices(cfg.cpu_devices))
         dist = Distribution("mirrored", strategy)
     else:
-        if cfg.cpu_devices and cfg.cpu_devices > 1:
-            _cpu_devices(cfg.cpu_devices)
-        resolver = None
-        if not os.environ.get("TF_CONFIG") and slurm_tasks() > 1:
-            resolver = slurm_cluster_resolver()
-            log.info(
-                "strategy.kind=multi_worker: the cluster from SLURM (job %s, %d tasks): %s",
-                os.environ.get("SLURM_JOB_ID", "?"),
-                slurm_tasks(),
-                resolver.cluster_spec().as_dict(),
-            )
-        elif not os.environ.get("TF_CONFIG"):
-            log.warning(
-                "strategy.kind=multi_worker without TF_CONFIG or a multi-task SLURM job "
-                "step: running as a single worker"
-            )
-        else:
-            try:
-                json.loads(os.environ["TF_CONFIG"])
-            except ValueError as exc:
-                raise ConfigError(
-                    "strategy.kind",
-                    f"is multi_worker but TF_CONFIG is not JSON ({exc}): {os.environ['TF_CONFIG'][:200]}",
-                ) from exc
-        watchdog = _ConnectWatchdog(cfg.connect_timeout_seconds, resolver)
-        # TensorFlow waits for the other tasks inside one C++ call: no Python signal handler
-        # runs until it returns. Nothing is trained or written yet, so SIGTERM and SIGINT take
-        # their default action meanwhile (the process ends at once; the watchdog says why).
-        defaults = _default_signal_actions()
-        try:
-            strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-        except (RuntimeError, ValueError) as exc:
-            raise ConfigError(
-                "strategy.kind",
-                f"cannot create the MultiWorkerMirroredStrategy "
-                f"(check TF_CONFIG; the strategy must be created before TensorFlow's "
-                f"first operation in the process): {exc}",
-            ) from exc
-        finally:
-            for signum, handler in defaults.items():
-                signal.signal(signum, handler)
-            watchdog.cancel()
-        task_type, task_id, workers, chief = _task(strategy)
-        dist = Distribution(
-            "multi_worker",
-            strategy,
-            is_chief=chief,
-            task=f"{task_type} {task_id}",
-            task_id=task_id,
-            num_workers=workers,
-        )
+        dist = _multi_worker(cfg)
     _CACHE[key] = dist
     log.info("%s", dist.describe())
     return dist

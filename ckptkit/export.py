@@ -497,6 +497,26 @@ def read_check(version_dir: str, info: Mapping[str, Any]):
         return None
 
 
+def _check_before_publishing(saved: str, extra: str, feeds, expected, sources, verify: bool, label: str) -> dict:
+    """Store the check batch and the live model's outputs beside the SavedModel ``saved``
+    and, with ``verify``, serve it with the session loader and compare; returns the record
+    of the check (``assets.extra/ckptkit_export.json``)."""
+    check: dict[str, Any] = {
+        "arrays": _check_files(extra, feeds, expected) if feeds else None,
+        "batches": dict(sources or {}),
+        "loader": None,
+    }
+    if verify and feeds:
+        tmp = os.path.dirname(saved)
+        compare(expected, serve_with_session_loader(saved, feeds, os.path.join(tmp, "check"), label), label)
+        check["loader"] = (
+            "session loader (tf.compat.v1.saved_model.loader, as TensorFlow Serving), fresh process"
+            if not saved.startswith("ram://")
+            else "session loader, in the exporting process (ram://)"
+        )
+    return check
+
+
 def export_saved_model(
     model,
     signatures: Mapping[str, Signature],
@@ -529,19 +549,7 @@ def export_saved_model(
         tf.saved_model.save(serving_root(model, signatures), saved, signatures=dict(signatures))
         extra = os.path.join(saved, "assets.extra")
         tf.io.gfile.makedirs(extra)
-        check: dict[str, Any] = {
-            "arrays": _check_files(extra, feeds, expected) if feeds else None,
-            "batches": dict(sources or {}),
-            "loader": None,
-        }
-        if verify and feeds:
-            label = f"{final} (not published)"
-            compare(expected, serve_with_session_loader(saved, feeds, os.path.join(tmp, "check"), label), label)
-            check["loader"] = (
-                "session loader (tf.compat.v1.saved_model.loader, as TensorFlow Serving), fresh process"
-                if not saved.startswith("ram://")
-                else "session loader, in the exporting process (ram://)"
-            )
+        check = _check_before_publishing(saved, extra, feeds, expected, sources, verify, f"{final} (not published)")
         record["check"] = check
         atomic_write_text(os.path.join(extra, EXPORT_INFO), json.dumps(record, indent=1, default=str) + "\n")
         if config_yaml is not None:
@@ -598,6 +606,30 @@ def _why_not_reuse(version_dir: str, done: Mapping[str, Any], signatures, descri
     return None
 
 
+def _reusable(export_dir: str, source, signatures, described, verify: bool) -> str | None:
+    """The newest export when it came from this very checkpoint (``source.uid``) and serves
+    the same signatures, the same outputs on its check batch; else None (the log says why)."""
+    existing = versions(export_dir)
+    if not source.uid or not existing:
+        return None
+    newest = os.path.join(export_dir, str(existing[-1]))
+    done = read_export_info(newest)
+    if not done or done.get("checkpoint_uid") != source.uid:
+        return None
+    why = _why_not_reuse(newest, done, signatures, described, verify)
+    if why is None:
+        log.info(
+            "reusing export %d (same checkpoint, same signatures): %s, from %s (step %d)",
+            existing[-1],
+            newest,
+            source.path,
+            source.step,
+        )
+        return newest
+    log.info("export %d came from this checkpoint, but %s: writing a new version", existing[-1], why)
+    return None
+
+
 def export_checkpoint(
     model,
     source,
@@ -630,22 +662,9 @@ def export_checkpoint(
             status.expect_partial()
         signatures = named_signatures(make_signatures(), cast_outputs_float32=cast_outputs_float32)
         described = describe(signatures)
-        existing = versions(export_dir)
-        if reuse and source.uid and existing:
-            newest = os.path.join(export_dir, str(existing[-1]))
-            done = read_export_info(newest)
-            if done and done.get("checkpoint_uid") == source.uid:
-                why = _why_not_reuse(newest, done, signatures, described, verify)
-                if why is None:
-                    log.info(
-                        "reusing export %d (same checkpoint, same signatures): %s, from %s (step %d)",
-                        existing[-1],
-                        newest,
-                        source.path,
-                        source.step,
-                    )
-                    return newest
-                log.info("export %d came from this checkpoint, but %s: writing a new version", existing[-1], why)
+        reused = _reusable(export_dir, source, signatures, described, verify) if reuse else None
+        if reused is not None:
+            return reused
         feeds, sources = signature_feeds(signatures, sample)
         record = {
             "step": source.step,

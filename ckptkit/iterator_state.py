@@ -77,3 +77,8 @@ def peek(iterator):
     element = next(iterator)
     iterator._restore_from_tensors(state)
     return element
+
+
+def wrap_iterators(trackables: dict) -> dict:
+    """``trackables`` with each tf.data iterator wrapped in an :class:`IteratorCheckpoint`."""
+    return {name: IteratorCheckpoint(obj) if is_dataset_iterator(obj) else obj for name, obj in trackables.items()}

@@ -238,6 +238,28 @@ def read_entries(directory: str, doc: dict | None = None) -> dict[int, _Entry]:
     return out
 
 
+def _size_and_time(directory: str, prefix: str, paths: list[str], local: bool) -> tuple[int, float] | None:
+    """The bytes and the ``.index`` file's time of one checkpoint's files; None when one is a
+    link (refused, with a warning) or vanished while the directory was listed."""
+    if not local:
+        return sum(gfile.stat(p).length for p in paths), gfile.stat(prefix + ".index").mtime
+    stats = [storage.lstat(p) for p in paths]
+    links = [p for p, st in zip(paths, stats, strict=True) if st is not None and not stat.S_ISREG(st.st_mode)]
+    if links:
+        log.warning(
+            "refusing checkpoint %s: %s is a symbolic link (or no regular file); ckptkit reads and deletes "
+            "only its own files inside %s",
+            prefix,
+            ", ".join(links),
+            directory,
+        )
+        return None
+    present = [st for st in stats if st is not None]
+    if len(present) < len(stats):
+        return None  # deleted while we listed
+    return sum(st.st_size for st in present), present[paths.index(prefix + ".index")].st_mtime
+
+
 def scan(directory: str, *, doc: dict | None = None) -> list[CheckpointInfo]:
     """The complete checkpoints in ``directory``, oldest first, with their metadata.
 
@@ -264,27 +286,10 @@ def scan(directory: str, *, doc: dict | None = None) -> list[CheckpointInfo]:
     found = []
     for step in sorted(indexed):
         prefix = checkpoint_prefix(directory, step)
-        paths = [os.path.join(directory, n) for n in files[step]]
-        stats = [storage.lstat(p) if local else None for p in paths]
-        links = [p for p, st in zip(paths, stats, strict=True) if st is not None and not stat.S_ISREG(st.st_mode)]
-        if links:
-            log.warning(
-                "refusing checkpoint %s: %s is a symbolic link (or no regular file); ckptkit reads and deletes "
-                "only its own files inside %s",
-                prefix,
-                ", ".join(links),
-                directory,
-            )
+        sized = _size_and_time(directory, prefix, [os.path.join(directory, n) for n in files[step]], local)
+        if sized is None:
             continue
-        if local:
-            present = [st for st in stats if st is not None]
-            if len(present) < len(stats):
-                continue  # deleted while we listed
-            size = sum(st.st_size for st in present)
-            mtime = present[paths.index(prefix + ".index")].st_mtime
-        else:
-            size = sum(gfile.stat(p).length for p in paths)
-            mtime = gfile.stat(prefix + ".index").mtime
+        size, mtime = sized
         entry = meta.get(step) or _Entry(step=step)
         found.append(
             CheckpointInfo(

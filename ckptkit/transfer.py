@@ -714,6 +714,46 @@ class _KerasFile:
 # --- warm start --------------------------------------------------------------------------
 
 
+def _open_source(model, prefix: str):
+    """What a warm start reads from ``prefix`` and writes into ``model``: (source specs, a
+    reader of one entry, the model's target specs, the model's variables by path)."""
+    if is_keras_file(prefix):
+        keras_file = _KerasFile(prefix)
+        log.info("%s is a Keras weights file: matching layers by the names it records", prefix)
+        target, variables = _target(model, False, keras_layer_aliases(model))
+        return keras_file.entries(), keras_file.read, target, variables
+    reader = tf.train.load_checkpoint(prefix)
+    source = checkpoint_specs(prefix, reader)
+    names_only = by_variable_name(source)
+    if names_only:
+        log.info(
+            "%s is matched by variable name (%s)",
+            prefix,
+            "a name-based TF1 checkpoint"
+            if not reader.has_tensor(_GRAPH_KEY)
+            else "a SavedModel that lists its variables without structure",
+        )
+    target, variables = _target(model, names_only)
+    return source, reader.get_tensor, target, variables
+
+
+def _strict_refusal(prefix: str, report: RestoreReport, hidden: Sequence[str]) -> CheckpointMismatchError:
+    problems = [f"{p}: missing in checkpoint" for p in report.missing_in_checkpoint]
+    problems += [f"{p}: {why}" for p, why in report.mismatched]
+    problems += [
+        f"{n}: not reachable through the model's attributes, so no checkpoint holds it by path" for n in hidden
+    ]
+    hints = nearest_hints(report)
+    return CheckpointMismatchError(
+        f"warm start from {prefix} (checkpoint.init_from.strict=true) cannot restore "
+        f"{len(problems)} selected variable(s):\n  "
+        + "\n  ".join(problems)
+        + ("\n  " + "\n  ".join(hints) if hints else "")
+        + "\nExclude them with checkpoint.init_from.exclude, map them with "
+        "checkpoint.init_from.rename, or set checkpoint.init_from.strict=false."
+    )
+
+
 def restore_partial(
     model,
     path: str,
@@ -734,41 +774,11 @@ def restore_partial(
     unreachable is one error listing each, and nothing is assigned.
     """
     prefix = locate_source(path, which)
-    if is_keras_file(prefix):
-        keras_file = _KerasFile(prefix)
-        source, read = keras_file.entries(), keras_file.read
-        log.info("%s is a Keras weights file: matching layers by the names it records", prefix)
-        target, variables = _target(model, False, keras_layer_aliases(model))
-    else:
-        reader = tf.train.load_checkpoint(prefix)
-        source, read = checkpoint_specs(prefix, reader), reader.get_tensor
-        names_only = by_variable_name(source)
-        if names_only:
-            log.info(
-                "%s is matched by variable name (%s)",
-                prefix,
-                "a name-based TF1 checkpoint"
-                if not reader.has_tensor(_GRAPH_KEY)
-                else "a SavedModel that lists its variables without structure",
-            )
-        target, variables = _target(model, names_only)
+    source, read, target, variables = _open_source(model, prefix)
     report, matches = plan_restore(source, target, include=include, exclude=exclude, rename=rename, source_name=prefix)
     hidden = unreachable_variables(model, variables.values())
     if strict and (report.missing_in_checkpoint or report.mismatched or hidden):
-        problems = [f"{p}: missing in checkpoint" for p in report.missing_in_checkpoint]
-        problems += [f"{p}: {why}" for p, why in report.mismatched]
-        problems += [
-            f"{n}: not reachable through the model's attributes, so no checkpoint holds it by path" for n in hidden
-        ]
-        hints = nearest_hints(report)
-        raise CheckpointMismatchError(
-            f"warm start from {prefix} (checkpoint.init_from.strict=true) cannot restore "
-            f"{len(problems)} selected variable(s):\n  "
-            + "\n  ".join(problems)
-            + ("\n  " + "\n  ".join(hints) if hints else "")
-            + "\nExclude them with checkpoint.init_from.exclude, map them with "
-            "checkpoint.init_from.rename, or set checkpoint.init_from.strict=false."
-        )
+        raise _strict_refusal(prefix, report, hidden)
     if strict:
         _check_filled(model, variables, report)
     for p, key in matches.items():
