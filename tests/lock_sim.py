@@ -7,10 +7,11 @@ Lustre ``localflock`` or NFS ``local_lock=flock``) or ``none`` (the filesystem r
 and a wall clock skewed by ``--skew`` seconds (the record's time and every file time it sets).
 
 While it holds the run it *commits* every 10 ms: ``lock.check()`` then one appended line
-``<generation> <token> <seq>`` in ``run_dir/commits.log``. SIGTSTP (which the harness uses to
-freeze it, as ``scontrol suspend`` or SIGSTOP would) is blocked during a check and its commit:
-a holder can be frozen at any moment between commits. It prints one JSON line: ``outcome``
-(held, refused, fenced), its generation and token, and the error's message.
+``<generation> <token> <seq>`` in ``run_dir/commits.log``. SIGUSR1 asks it to freeze: at the
+next moment between two commits it sends itself SIGSTOP (as ``scontrol suspend`` would; SIGSTOP,
+unlike SIGTSTP, also stops a process of an orphaned process group, as under CI), and goes on
+after SIGCONT. It prints one JSON line per event: ``outcome`` (held, refused, fenced,
+released), its generation and token, and the error's message.
 """
 
 from __future__ import annotations
@@ -79,15 +80,17 @@ def main() -> int:
     print(json.dumps({"outcome": "held", "generation": gen, "token": token}), flush=True)
     log = os.open(os.path.join(args.run_dir, "commits.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     end, seq = time.monotonic() + args.hold, 0
+    freeze: list[bool] = []
+    signal.signal(signal.SIGUSR1, lambda *_: freeze.append(True))
     try:
         while time.monotonic() < end:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTSTP})
-            try:
-                lock.check()
-                os.write(log, f"{gen} {token} {seq}\n".encode())
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTSTP})
+            lock.check()
+            os.write(log, f"{gen} {token} {seq}\n".encode())
             seq += 1
+            if freeze:  # between two commits
+                freeze.clear()
+                os.kill(os.getpid(), signal.SIGSTOP)
+                end += 60  # the time it was frozen does not count
             time.sleep(0.01)
     except runlock.RunTakenOverError as exc:
         print(json.dumps({"outcome": "fenced", "generation": gen, "token": token, "message": str(exc)}), flush=True)

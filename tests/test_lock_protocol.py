@@ -2,8 +2,8 @@
 
 Every launch is a real process running the real lock code (tests/lock_sim.py) as if on its
 own host, with a ``flock`` that is shared, node-local or absent, a wall clock skewed a day
-either way, SLURM job/step/restart identities, and freezes (SIGTSTP, as ``scontrol suspend``
-or SIGSTOP) past the lease. Each holder commits every 10 ms after ``lock.check()``; the
+either way, SLURM job/step/restart identities, and freezes past the lease (SIGSTOP between
+two commits, as ``scontrol suspend`` would). Each holder commits every 10 ms after ``lock.check()``; the
 audit of ``commits.log`` finds any write by a holder after a newer generation wrote (a double
 holder, or a write after being fenced). ``CKPTKIT_LOCK_TRIALS`` sets the trials per case
 (CI runs 3; the figures in issue 27's note come from 30).
@@ -59,6 +59,17 @@ class Launch:
 
     def outcomes(self) -> list[str]:
         return [x["outcome"] for x in self.lines]
+
+
+def wait_stopped(pid: int, timeout: float = 30.0) -> None:
+    """Wait until process ``pid`` is stopped (state T in /proc/<pid>/stat)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop")
 
 
 def audit(run_dir) -> dict[int, int]:
@@ -129,7 +140,8 @@ def test_a_holder_frozen_past_the_lease_is_fenced_and_removes_nothing(tmp_path, 
         first = Launch(run, "node-1", flock=flock, hold=30.0)
         assert first.next_line()["outcome"] == "held"
         time.sleep(0.2)
-        first.proc.send_signal(signal.SIGTSTP)  # frozen between two commits
+        first.proc.send_signal(signal.SIGUSR1)  # it freezes itself between two commits
+        wait_stopped(first.proc.pid)
         second = Launch(run, "node-2", flock=flock, hold=3.0)
         got = second.next_line()
         if flock == "shared":  # a frozen process still holds a cluster-wide flock: it is alive
