@@ -86,7 +86,10 @@ def slurm_identity() -> dict[str, Any]:
     ):
         value = env.get(var, "").strip()
         if value:
-            found[key] = int(value) if key == "slurm_restart_count" and value.isdigit() else value[:64]
+            if key == "slurm_restart_count":
+                found[key] = int(value) if value.isdigit() and len(value) < 10 else 0
+            else:
+                found[key] = value[:64]
     if "slurm_job_id" in found:
         found.setdefault("slurm_restart_count", 0)
     return found

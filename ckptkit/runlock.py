@@ -251,14 +251,16 @@ class RunLock:
 
     def _watch(self, claim: Claim, seconds: float) -> Claim | None:
         """Watch ``claim`` for ``seconds`` of this host's monotonic clock: the current claim
-        once anything changed (``claim`` itself if the claims vanished), None if nothing did."""
+        once anything changed, None if nothing did (_LookAgain if every claim vanished)."""
         deadline = monotonic() + seconds
         pause = max(0.01, min(0.5, self.beat_seconds / 4))
         while monotonic() < deadline:
             time.sleep(min(pause, max(0.0, deadline - monotonic())))
             now = current_claim(self.run_dir)
-            if now is None or now.generation != claim.generation or not now.same_as(claim):
-                return now or claim
+            if now is None:
+                raise _LookAgain  # removed while watched: judge the directory afresh
+            if now.generation != claim.generation or not now.same_as(claim):
+                return now
         return None
 
     def _create(self, generation: int, record: dict) -> bool:

@@ -317,3 +317,31 @@ def test_the_holder_beats_while_it_holds(tmp_path):
     later = runlock.current_claim(str(tmp_path))
     assert later.record["beat"] > first.record["beat"] and later.token == first.token
     lock.release()
+
+
+@pytest.mark.parametrize("value, want", [("3", 3), ("", 0), ("x", 0), ("99999999999999999999", 0)])
+def test_a_restart_count_of_any_shape_is_a_number(monkeypatch, value, want):
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", value)
+    assert lock_records.slurm_identity()["slurm_restart_count"] == want
+
+
+def test_claims_removed_while_watched_are_judged_afresh(tmp_path, monkeypatch):
+    """A foreign claim that someone deletes while this launch watches it: the launch takes
+    the now empty directory instead of refusing an alive holder that is not there."""
+    record = {**lock_records.new_record(1), "host": "elsewhere", "pid": 4242}
+    claims = tmp_path / CLAIMS_DIR
+    claims.mkdir()
+    path = claims / lock_records.claim_name(1)
+    path.write_bytes(lock_records.encode(record))
+    real_sleep = time.sleep
+
+    def sleep_then_remove(seconds):
+        real_sleep(seconds)
+        if path.exists():
+            path.unlink()
+
+    monkeypatch.setattr(runlock.time, "sleep", sleep_then_remove)
+    lock = RunLock(str(tmp_path), lease_seconds=5).acquire()
+    assert lock.record["generation"] == 1 and lock.record["host"] != "elsewhere"
+    lock.release()
