@@ -105,12 +105,10 @@ def describe_position(ds: tf.data.Dataset) -> str:
 
     Follows the dataset's inputs (not the datasets built inside ``interleave`` or
     ``flat_map`` functions) to its shuffles."""
-    buffers, global_shuffle, seen, todo = [], False, set(), [ds]
-    while todo:
-        node = todo.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
+    from ckptkit.data_position import pipeline_nodes
+
+    buffers, global_shuffle = [], False
+    for node in pipeline_nodes(ds):
         name = type(node).__name__
         if name == "_GlobalShuffleDataset":
             global_shuffle = True
@@ -119,10 +117,6 @@ def describe_position(ds: tf.data.Dataset) -> str:
                 buffers.append(int(node._buffer_size))
             except (AttributeError, TypeError, ValueError):
                 buffers.append(-1)
-        try:
-            todo.extend(node._inputs())
-        except Exception:  # noqa: BLE001 - a dataset kind without inputs to follow
-            pass
     if buffers:
         sizes = " + ".join("?" if b < 0 else str(b) for b in buffers)
         return (

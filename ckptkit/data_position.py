@@ -47,7 +47,14 @@ _SETTINGS = {
 }
 
 
-def _nodes(ds: tf.data.Dataset) -> list[tf.data.Dataset]:
+def _inputs(node: tf.data.Dataset) -> list:
+    try:
+        return list(node._inputs())
+    except Exception:  # noqa: BLE001 - a dataset kind without inputs to follow
+        return []
+
+
+def pipeline_nodes(ds: tf.data.Dataset) -> list[tf.data.Dataset]:
     """The datasets of the pipeline, outermost first (the inputs' inputs, not the datasets
     built inside ``interleave``/``flat_map`` functions)."""
     out, seen, todo = [], set(), [ds]
@@ -57,18 +64,8 @@ def _nodes(ds: tf.data.Dataset) -> list[tf.data.Dataset]:
             continue
         seen.add(id(node))
         out.append(node)
-        try:
-            todo.extend(node._inputs())
-        except Exception:  # noqa: BLE001 - a dataset kind without inputs to follow
-            pass
+        todo.extend(_inputs(node))
     return out
-
-
-def _inputs(node: tf.data.Dataset) -> list:
-    try:
-        return list(node._inputs())
-    except Exception:  # noqa: BLE001 - a dataset kind without inputs to follow
-        return []
 
 
 def _kind(node: tf.data.Dataset) -> str:
@@ -91,7 +88,7 @@ def describe_pipeline(ds: tf.data.Dataset) -> tuple[str, ...]:
     """The pipeline's transformations with their settings, outermost first, e.g.
     ``("prefetch(buffer_size=-1)", "batch(batch_size=16, drop_remainder=True)", ...)``."""
     steps = []
-    for node in _nodes(ds):
+    for node in pipeline_nodes(ds):
         kind = _kind(node)
         if kind == "options":  # with_options: not a transformation of the data
             continue
@@ -124,7 +121,7 @@ def _size(n: float | None) -> str:
 
 
 def has_buffered_shuffle(ds: tf.data.Dataset) -> bool:
-    return any(_kind(n) in ("shuffle", "shuffle_and_repeat") for n in _nodes(ds))
+    return any(_kind(n) in ("shuffle", "shuffle_and_repeat") for n in pipeline_nodes(ds))
 
 
 def prepare(ds: tf.data.Dataset, resumed_symbolic: bool | None = None) -> tuple[tf.data.Dataset, bool]:
@@ -147,7 +144,7 @@ def prepare(ds: tf.data.Dataset, resumed_symbolic: bool | None = None) -> tuple[
 def buffer_report(ds: tf.data.Dataset, symbolic: bool) -> list[str]:
     """Each transformation that still stores elements in a checkpoint: how many, how big."""
     out = []
-    for node in _nodes(ds):
+    for node in pipeline_nodes(ds):
         kind = _kind(node)
         try:
             each = element_bytes(node._inputs()[0].element_spec) if node._inputs() else None
@@ -265,7 +262,7 @@ def record(ds: tf.data.Dataset, iterator: Any, *, symbolic: bool, custom: str | 
         sample_elements=count,
         custom=custom,
         symbolic=symbolic,
-        sources=tuple(int(n.cardinality()) for n in _nodes(ds) if not _inputs(n)),
+        sources=tuple(int(n.cardinality()) for n in pipeline_nodes(ds) if not _inputs(n)),
     )
 
 

@@ -324,15 +324,7 @@ def test_sigterm_to_a_joblib_sweep_stops_every_job_and_starts_no_queued_one(tmp_
     if len(jobs) == 3:  # the queued job reached a worker before the sweep exited
         assert "this job did not start" in out, out[-3000:]
     target = 50 + max(steps_on_disk(j / "checkpoints")[-1] for j in jobs if (j / "checkpoints").exists())
-    again = subprocess.run(
-        [sys.executable, EXAMPLE, *sweep, f"trainer.max_steps={target}"],
-        cwd=tmp_path,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=600,
-    )
-    assert again.returncode == 0, again.stdout[-3000:]
+    code, out = run_example(tmp_path, *sweep, f"trainer.max_steps={target}")
+    assert code == 0, out[-3000:]
     jobs = sorted(p for p in (tmp_path / "runs" / "digits").iterdir() if p.is_dir() and "optim.lr" in p.name)
     assert len(jobs) == 3 and all(steps_on_disk(j / "checkpoints")[-1] == target for j in jobs)
