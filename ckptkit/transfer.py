@@ -635,6 +635,44 @@ def keras_layer_aliases(model) -> dict[int, str]:
     return out
 
 
+def _refuse_outside_storage(h5file, path: str) -> None:
+    """Refuse an HDF5 file any of whose datasets h5py would read from somewhere else: a
+    dataset with *external* storage (raw bytes of any file named in it), a *virtual* dataset
+    (its sources are other files), an external link (another file's object). Keras writes
+    none of them, and following one would copy bytes from outside the file into the model,
+    and from there into every checkpoint and export. Links are inspected without being
+    followed; soft links stay inside the file and are visited where they point."""
+    import h5py
+
+    def refuse(name: str, why: str):
+        raise CheckpointMismatchError(
+            f"{path}: HDF5 object /{name} {why}; Keras never writes one, and ckptkit does not read "
+            "data from outside the weights file (refused)"
+        )
+
+    stack = [("", h5file)]
+    seen: set = set()
+    while stack:
+        prefix, group = stack.pop()
+        for key in group:
+            name = f"{prefix}{key}"
+            link = group.get(key, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                refuse(name, f"is an external link to {link.filename}:{link.path}")
+            if isinstance(link, h5py.SoftLink):
+                continue  # names an object of this file, which the walk reaches by its hard link
+            obj = group.get(key)
+            if isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    sources = sorted({m.file_name for m in obj.virtual_sources()})
+                    refuse(name, "is a virtual dataset reading " + ", ".join(sources))
+                if obj.external:
+                    refuse(name, "stores its bytes in external file(s) " + ", ".join(str(e[0]) for e in obj.external))
+            elif isinstance(obj, h5py.Group) and obj.id not in seen:
+                seen.add(obj.id)
+                stack.append((f"{name}/", obj))
+
+
 class _KerasFile:
     """The variables of a ``.weights.h5`` or ``.keras`` file, by layer name."""
 
@@ -652,6 +690,11 @@ class _KerasFile:
                 self._file = h5py.File(path, "r")
         except OSError as exc:
             raise CheckpointNotFoundError(f"{path} is not a Keras weights file (HDF5): {exc}") from exc
+        try:
+            _refuse_outside_storage(self._file, path)
+        except BaseException:
+            self._file.close()
+            raise
 
     @staticmethod
     def _weights_of_archive(path: str) -> io.BytesIO:

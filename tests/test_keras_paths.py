@@ -239,3 +239,73 @@ def test_restore_partial_in_a_fresh_process_fills_list_held_layers(tmp_path):
     n = len(model.variables)  # 2 + 2 in the list, 2 in the head, Dropout's seed state
     assert n == 7 and f"RESTORED {n} OF {n}" in out.stdout, out.stdout + out.stderr[-3000:]
     assert "REFUSED" in out.stdout and "model/blocks/0/kernel: missing in checkpoint" in out.stdout, out.stdout
+
+
+def _head_kernel_key(h5file) -> str:
+    found = []
+    h5file.visititems(lambda n, o: found.append(n) if n.endswith("vars") and o.attrs.get("name") == "head" else None)
+    return f"{found[0]}/0"
+
+
+def _reroute_head_kernel(weights_h5, how: str, outside: str) -> None:
+    """Replace the head kernel of a Keras weights file by a dataset whose bytes come from
+    ``outside``: external storage, a virtual dataset, or an external link."""
+    import h5py
+
+    with h5py.File(weights_h5, "r+") as f:
+        key = _head_kernel_key(f)
+        shape, dtype = f[key].shape, f[key].dtype
+        del f[key]
+        if how == "external":
+            f.create_dataset(key, shape=shape, dtype=dtype, external=[(outside, 0, int(np.prod(shape)) * 4)])
+        elif how == "virtual":
+            layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+            layout[...] = h5py.VirtualSource(outside, "leak", shape=shape)
+            f.create_virtual_dataset(key, layout)
+        else:
+            f[key] = h5py.ExternalLink(outside, "/leak")
+
+
+@pytest.mark.parametrize("container", ["weights.h5", "keras"])
+@pytest.mark.parametrize("how", ["external", "virtual", "link"])
+def test_weights_files_that_read_outside_bytes_are_refused(source, tmp_path, how, container):
+    """An adversary's weights file whose head kernel is another file's bytes (issue 30): h5py
+    follows external storage, virtual datasets and external links, so the bytes of any file
+    on the machine would enter the model and every checkpoint and export after it. Each is
+    refused with one line naming the HDF5 object, and no variable changes."""
+    import shutil
+    import zipfile
+
+    import h5py
+
+    model, d = source
+    secret = tmp_path / "outside.h5" if how != "external" else tmp_path / "outside.bin"
+    leak = np.full((1280, 3), 7.0, np.float32)
+    if how == "external":
+        secret.write_bytes(leak.tobytes())
+    else:
+        with h5py.File(secret, "w") as f:
+            f["leak"] = leak
+    weights = tmp_path / "evil.weights.h5"
+    shutil.copy(d / "classifier.weights.h5", weights)
+    _reroute_head_kernel(str(weights), how, str(secret))
+    with h5py.File(weights, "r") as f:  # the file really does read the outside bytes
+        key = _head_kernel_key(f)
+        np.testing.assert_array_equal(f[key][()], leak)
+    path = weights
+    if container == "keras":
+        path = tmp_path / "evil.keras"
+        with zipfile.ZipFile(d / "classifier.keras") as good, zipfile.ZipFile(path, "w") as bad:
+            for item in good.infolist():
+                data = weights.read_bytes() if item.filename == "model.weights.h5" else good.read(item)
+                bad.writestr(item, data)
+    target = mobilenet_classifier(3, seed=5)
+    before = [v.numpy().copy() for v in target.variables]
+    with pytest.raises(ckptkit.CheckpointMismatchError) as err:
+        ckptkit.restore_partial(target, str(path), exclude=["model/mobilenet*"])
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert f"HDF5 object /{key} " in message and str(secret) in message, message
+    assert {"external": "external file", "virtual": "virtual dataset", "link": "external link"}[how] in message
+    for a, v in zip(before, target.variables, strict=True):
+        np.testing.assert_array_equal(a, v.numpy())
