@@ -13,6 +13,7 @@ from ckptkit.config import register_configs
 from ckptkit.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointSaveError,
     CheckpointUnreadableError,
     CkptkitError,
@@ -75,6 +76,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
+    "CheckpointReadError",
     "CheckpointUnreadableError",
     "CkptkitError",
     "ConfigError",

@@ -1,6 +1,6 @@
 """The file operations of a checkpoint directory beyond TensorFlow's own writes: moving
-aside what stands in a save's way or cannot be read (``unreadable/<time>/``, nothing is
-deleted), removing what interrupted saves left, and saying what a failed write means (a full
+aside what stands in a save's way or cannot be read (``unreadable/<time>/``, the newest
+sets kept), removing what interrupted saves left, and saying what a failed write means (a full
 disk: the bytes free and needed). Each takes the directory's fence (the run lock's check).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,14 +23,56 @@ def _no_fence() -> None:
     return None
 
 
+#: How many sets of files moved into ``unreadable/`` are kept: the newest; older sets are
+#: deleted, with a log line, when another one moves in.
+KEEP_UNREADABLE = 3
+_STAMP_RE = re.compile(r"^\d{8}-\d{6}(-\d{6})?-[0-9a-f]{6}$")  # older sets lack the microseconds
+
+
 def move_aside(directory: str, paths: list[str], fence: Callable[[], None] = _no_fence) -> str:
-    """Move ``paths`` (links as links) into a fresh ``<directory>/unreadable/<time>/``."""
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    """Move ``paths`` (links as links) into a fresh ``<directory>/unreadable/<time>/``; then
+    only the newest :data:`KEEP_UNREADABLE` such sets stay."""
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S-%f}-{secrets.token_hex(3)}"  # sorts by time
     into = os.path.join(directory, metadata.UNREADABLE_DIR, stamp)
     fence()
     for p in paths:
         storage.move_aside(p, into)
+    prune_unreadable(directory, fence)
     return into
+
+
+def unreadable_sets(directory: str) -> list[str]:
+    """The sets in ``<directory>/unreadable/``, oldest first (only ckptkit's own: named by
+    time, real directories)."""
+    top = os.path.join(directory, metadata.UNREADABLE_DIR)
+    names = sorted(n for n in storage.listdir(top) if _STAMP_RE.match(n))
+    return [os.path.join(top, n) for n in names if storage.is_real_dir(os.path.join(top, n))]
+
+
+def prune_unreadable(directory: str, fence: Callable[[], None] = _no_fence) -> list[str]:
+    old = unreadable_sets(directory)[:-KEEP_UNREADABLE]
+    if old:
+        fence()
+        for path in old:
+            storage.remove_tree(path)
+        log.info(
+            "deleted %d older set(s) of files moved aside (%s); %s keeps the newest %d",
+            len(old),
+            ", ".join(os.path.basename(p) for p in old),
+            os.path.join(directory, metadata.UNREADABLE_DIR),
+            KEEP_UNREADABLE,
+        )
+    return old
+
+
+def tree_size(top: str) -> int:
+    """Bytes of the real files under ``top`` (links not followed)."""
+    total = 0
+    for directory, _, names in os.walk(top) if storage.is_local(top) else ():
+        for n in names:
+            st = storage.lstat(os.path.join(directory, n))
+            total += st.st_size if st is not None and not os.path.islink(os.path.join(directory, n)) else 0
+    return total
 
 
 def clear_the_way(directory: str, step: int, fence: Callable[[], None] = _no_fence) -> None:

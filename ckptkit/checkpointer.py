@@ -257,7 +257,7 @@ class Checkpointer:
 
     def set_aside(self, info: CheckpointInfo, reason: str) -> str | None:
         """Take the unreadable checkpoint ``info`` out of the run: its files move to
-        ``<directory>/unreadable/<time>/`` (nothing is deleted), it stops counting as newest,
+        ``<directory>/unreadable/<time>/`` (the newest few sets kept), it stops counting as newest,
         latest or best, holds no retention slot, and its step is saved again for real when
         training reaches it. Returns where the files went (None on a worker, which only
         forgets it: the chief moves the files)."""

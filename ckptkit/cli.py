@@ -100,7 +100,7 @@ def _ls_runs(parent: str, runs: list[str]) -> int:
 
 
 def cmd_ls(args) -> int:
-    from ckptkit import metadata
+    from ckptkit import checkpoint_files, metadata
 
     try:
         directory = checkpoint_dir_of(args.path)
@@ -130,6 +130,13 @@ def cmd_ls(args) -> int:
         + (f", best by {doc.get('best_metric')} ({doc.get('best_mode')})" if doc.get("best_metric") else "")
     )
     _table(rows)
+    aside = checkpoint_files.unreadable_sets(directory)
+    if aside:
+        size = sum(checkpoint_files.tree_size(p) for p in aside)
+        print(
+            f"{os.path.join(directory, metadata.UNREADABLE_DIR)}: {len(aside)} set(s) of files moved aside, "
+            f"{_human(size)} (the newest {checkpoint_files.KEEP_UNREADABLE} are kept)"
+        )
     return 0
 
 

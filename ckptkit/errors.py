@@ -38,6 +38,11 @@ class CheckpointUnreadableError(CkptkitError, OSError):
     """A checkpoint's files are truncated, missing or corrupt."""
 
 
+class CheckpointReadError(CkptkitError, OSError):
+    """Reading a checkpoint failed with an I/O or permission error that persisted through
+    retries: the storage, not the checkpoint, is at fault, so nothing was moved."""
+
+
 class CheckpointMismatchError(CkptkitError, ValueError):
     """A checkpoint does not fit the objects it is restored into."""
 

@@ -32,7 +32,7 @@ METADATA_FILE = "metadata.json"
 STATE_FILE = "checkpoint"
 PREFIX = "ckpt"
 FORMAT_VERSION = 1
-#: Where unreadable checkpoints, and files in the way of a save, are moved (never deleted).
+#: Where unreadable checkpoints, and files in the way of a save, are moved (the newest sets kept).
 UNREADABLE_DIR = "unreadable"
 _INDEX_RE = re.compile(rf"^{PREFIX}-(\d+)\.index$")
 _DATA_RE = re.compile(rf"^{PREFIX}-(\d+)\.data-\d{{5}}-of-\d{{5}}$")

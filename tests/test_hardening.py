@@ -109,6 +109,118 @@ def test_nothing_readable_moves_nothing(tmp_path):
     assert not (run / "checkpoints" / "unreadable").exists()
 
 
+def _flaky_reads(monkeypatch, fails: int, error):
+    """Make the next ``fails`` reads of a checkpoint fail as TensorFlow reports a storage error
+    (issue 30): ``error(path)`` builds the exception TensorFlow raises for that errno."""
+    from ckptkit import checkpoint_restore
+
+    real, calls = checkpoint_restore._read, []
+    monkeypatch.setattr(checkpoint_restore, "READ_RETRY_DELAYS", (0.01, 0.02, 0.03))
+
+    def read(checkpoint, path):
+        calls.append(path)
+        if len(calls) <= fails:
+            raise error(path)
+        return real(checkpoint, path)
+
+    monkeypatch.setattr(checkpoint_restore, "_read", read)
+    return calls
+
+
+# How TensorFlow reports each errno on a read: errno -> error class (tsl's ErrnoToCode), with
+# strerror kept in the message; the checkpoint reader wraps an index it cannot open as DataLoss.
+STORAGE_ERRORS = {
+    "EIO": lambda p: tf.errors.UnknownError(None, None, f"{p}.index; Input/output error"),
+    "EACCES": lambda p: tf.errors.DataLossError(
+        None, None, f"Unable to open table file {p}.index: PERMISSION_DENIED: {p}.index; Permission denied"
+    ),
+    "ESTALE": lambda p: tf.errors.AbortedError(None, None, f"{p}.data-00000-of-00001; Stale file handle"),
+    "EAGAIN": lambda p: tf.errors.UnavailableError(None, None, f"{p}.index; Resource temporarily unavailable"),
+}
+
+
+@pytest.mark.parametrize("errno_name", sorted(STORAGE_ERRORS))
+def test_a_passing_storage_error_is_retried_not_taken_for_corruption(tmp_path, monkeypatch, caplog, errno_name):
+    """An NFS hiccup, an expired ticket, a backup holding the file: one failed read of the
+    good newest checkpoint is retried; nothing moves aside and no step is trained again."""
+    run = tmp_path / "run"
+    cfg = make_cfg(run, **{"trainer.max_steps": 20, "checkpoint.save_every_steps": 10})
+    ToyTrainer(cfg).fit()
+    before = _tree(run / "checkpoints")
+    calls = _flaky_reads(monkeypatch, 1, STORAGE_ERRORS[errno_name])
+    with caplog.at_level("WARNING", logger="ckptkit"):
+        result = ToyTrainer(cfg).fit()
+    assert result.resumed_from == 20 and result.steps_run == 0
+    assert len(calls) == 2 and calls[0].endswith("ckpt-20")
+    assert "retrying in" in caplog.text and "moved" not in caplog.text
+    assert not (run / "checkpoints" / "unreadable").exists()
+    after = _tree(run / "checkpoints")
+    assert {k for k in after if k.startswith("ckpt-")} == {k for k in before if k.startswith("ckpt-")}
+
+
+@pytest.mark.parametrize("errno_name", ["EIO", "EACCES"])
+def test_a_lasting_storage_error_stops_the_launch_moving_nothing(tmp_path, monkeypatch, errno_name):
+    run = tmp_path / "run"
+    cfg = make_cfg(run, **{"trainer.max_steps": 20, "checkpoint.save_every_steps": 10})
+    ToyTrainer(cfg).fit()
+    before = _tree(run / "checkpoints")
+    calls = _flaky_reads(monkeypatch, 99, STORAGE_ERRORS[errno_name])
+    with pytest.raises(ckptkit.CheckpointReadError) as err:
+        ToyTrainer(cfg).fit()
+    message = str(err.value)
+    assert f"cannot read checkpoint {run / 'checkpoints' / 'ckpt-20'}:" in message
+    assert {"EIO": "Input/output error", "EACCES": "Permission denied"}[errno_name] in message
+    assert "tried 4 times" in message and "nothing was moved" in message
+    assert len(calls) == 4 and set(calls) == {str(run / "checkpoints" / "ckpt-20")}  # no fallback to ckpt-10
+    assert _tree(run / "checkpoints") == before
+    monkeypatch.undo()  # the storage is back
+    assert ToyTrainer(cfg).fit().resumed_from == 20
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file without permissions")
+def test_a_real_permission_error_moves_nothing(tmp_path, monkeypatch):
+    from ckptkit import checkpoint_restore
+
+    monkeypatch.setattr(checkpoint_restore, "READ_RETRY_DELAYS", (0.01,))
+    run = tmp_path / "run"
+    cfg = make_cfg(run, **{"trainer.max_steps": 20, "checkpoint.save_every_steps": 10})
+    ToyTrainer(cfg).fit()
+    index = run / "checkpoints" / "ckpt-20.index"
+    index.chmod(0)
+    try:
+        with pytest.raises(ckptkit.CheckpointReadError, match="Permission denied"):
+            ToyTrainer(cfg).fit()
+    finally:
+        index.chmod(0o644)
+    assert steps_on_disk(run / "checkpoints") == [10, 20]
+    assert ToyTrainer(cfg).fit().resumed_from == 20
+
+
+def test_unreadable_keeps_the_newest_sets_and_ls_shows_its_size(tmp_path, capsys):
+    from ckptkit import checkpoint_files, cli
+
+    run = tmp_path / "run"
+    ToyTrainer(make_cfg(run, **{"trainer.max_steps": 5, "checkpoint.save_every_steps": 5})).fit()
+    d = run / "checkpoints"
+    for i in range(5):
+        junk = d / f"ckpt-{100 + i}.index"
+        junk.write_bytes(b"x" * 1000)
+        checkpoint_files.move_aside(str(d), [str(junk)])
+        time.sleep(0.01)
+    sets = checkpoint_files.unreadable_sets(str(d))
+    assert len(sets) == checkpoint_files.KEEP_UNREADABLE == 3
+    assert sorted(p.name for p in (d / "unreadable").rglob("ckpt-*")) == [
+        "ckpt-102.index",
+        "ckpt-103.index",
+        "ckpt-104.index",
+    ]
+    (d / "unreadable" / "notes").mkdir()  # not ckptkit's: never counted, never removed
+    assert cli.main(["ls", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "unreadable: 3 set(s) of files moved aside, 2.9 KB" in out
+    assert (d / "unreadable" / "notes").is_dir()
+
+
 # --- 2. glob characters in a path ------------------------------------------------------
 
 
