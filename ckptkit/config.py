@@ -60,6 +60,13 @@ class ProgressMode(str, enum.Enum):
     log = "log"
 
 
+class OnNonFinite(str, enum.Enum):
+    """What a train step whose loss or metrics are NaN or infinite does to the run."""
+
+    stop = "stop"  # stop before anything more is saved, naming the first bad step
+    warn = "warn"  # report it and go on (for a train_step that skips bad batches); saves still need finite weights
+
+
 class InitWhich(str, enum.Enum):
     latest = "latest"
     best = "best"
@@ -106,6 +113,7 @@ class TrainerConfig:
     # multi-worker peer (null: the same). Kubernetes' ExitCode restart policy retries >= 128.
     exit_code_preempted: int = 75
     exit_code_peer_lost: Any = None
+    on_nonfinite: OnNonFinite = OnNonFinite.stop
 
 
 @dataclass

@@ -30,6 +30,9 @@ MEANINGS: dict[str, str] = {
     "ExitCode restart policy",
     "trainer.exit_code_peer_lost": "exit status when a multi-worker peer was lost (null: the same as "
     "`exit_code_preempted`)",
+    "trainer.on_nonfinite": "a step with a NaN or infinite loss or metric: `stop` (before anything more is saved, "
+    "naming the first such step) or `warn` (go on, for a `train_step` that skips bad batches; saves still "
+    "require finite weights)",
     "checkpoint.dir": "checkpoint directory (any `tf.io.gfile` path)",
     "checkpoint.max_to_keep": "newest checkpoints kept (null: all)",
     "checkpoint.keep_every_n_hours": "also keep one checkpoint per this many hours",

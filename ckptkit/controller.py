@@ -11,8 +11,12 @@ evaluate                  every ``trainer.eval_every_steps`` and at the last ste
 track the best            after an evaluation: a better, finite ``checkpoint.best.metric``
 save                      the save policy (``policies.py``: steps, seconds, new best,
                           the end, a stop), agreed on by every worker
-check train metrics       when logged, saved or shown: finite, else nothing more is saved
-write summaries and log   every ``trainer.log_every_steps`` and at the last step
+check train metrics       at every log line and save: every step since the last log line
+                          added its metrics to an on-device window (``loop.TrainWindow``);
+                          a non-finite step stops the run before anything more is saved
+                          (``trainer.on_nonfinite=stop``) or is reported (``warn``)
+write summaries and log   every ``trainer.log_every_steps`` and at the last step: the
+                          means over the window's finite steps
 report progress           every call while the bar is on
 export on a new best      after a save on a new best, with ``export.on_best``
 ========================  ==========================================================
@@ -81,16 +85,12 @@ def log_due(step: int, final: bool, every: int) -> bool:
     return step % every == 0 or final
 
 
-def metrics_needed(logging_now: bool, saving_now: bool, progress_on: bool) -> bool:
-    """The train metrics leave the device only when something uses them (converting them
-    after every call costs a small model ~10% at steps_per_loop=1)."""
-    return logging_now or saving_now or progress_on
-
-
-def finite_check_due(logging_now: bool, saving_now: bool, coordinated: bool) -> bool:
-    """Always before a save; with several workers only where all of them check (all raise
-    together), else whenever the metrics are read."""
-    return logging_now or saving_now or not coordinated
+def window_read_due(logging_now: bool, saving_now: bool) -> bool:
+    """The train window (means, non-finite steps) leaves the device at a log line and before
+    a save, the same steps on every worker (so all of them stop together); between them the
+    loop reads nothing back (a read after every call costs a small model ~10% at
+    steps_per_loop=1). The window holds every step, so none is missed."""
+    return logging_now or saving_now
 
 
 def export_on_best_due(new_best: bool, step_eval: Mapping | None, export_cfg: Any, preempted: bool, chief: bool):
@@ -134,6 +134,7 @@ class Controller:
         self.policy = save_policy(self.s.checkpoint)
         self._eval_fn: Any = None
         self._position_reported = False  # the data position's size, logged at the first save
+        self._bad_reported: tuple[int, int] | None = None  # (first, count) of non-finite steps warned of
 
     # --- the actions -------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class Controller:
         computed before the update can be finite while the update poisoned the weights, and
         a poisoned checkpoint would be resumed from for ever."""
         tr = self.tr
+        self.check_window(step)
         bad = tr._finite()
         if bad:
             raise NonFiniteError(
@@ -191,6 +193,28 @@ class Controller:
             if size is not None:
                 log.info("data position: %.1f kB in each checkpoint", size / 1e3)
         return path
+
+    def check_window(self, step: int) -> loop_lib.Window:
+        """Read the train steps since the last log line; one whose metrics were not finite
+        stops the run (``trainer.on_nonfinite=stop``), else is reported once (``warn``)."""
+        w = self.tr._train_fn.window.read()
+        if not w.bad_steps or self._bad_reported == (w.first_bad, w.bad_steps):
+            return w
+        where = f"step {w.first_bad}" + (
+            f" and {w.bad_steps - 1} more step(s) up to step {step}" if w.bad_steps > 1 else ""
+        )
+        if self.s.trainer.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"non-finite train metrics (a NaN or infinite loss) at {where}; nothing was saved "
+                f"after it. {self.last_good()} If train_step skips such batches, set trainer.on_nonfinite=warn."
+            )
+        self._bad_reported = (w.first_bad, w.bad_steps)
+        log.warning(
+            "non-finite train metrics at %s; continuing (trainer.on_nonfinite=warn): they are left out of "
+            "the logged means, and a save still requires every weight to be finite",
+            where,
+        )
+        return w
 
     def last_good(self) -> str:
         """Which checkpoint the run resumes from, once the save in flight is on disk."""
@@ -301,21 +325,13 @@ class Controller:
         saving_now = self.policy.should_save(ctx)
         if coordinated:
             saving_now = tr.distribution.agree(saving_now)
-        if metrics_needed(logging_now, saving_now, tr._progress.enabled):
-            st.train_metrics = loop_lib.to_python(out)
-            if finite_check_due(logging_now, saving_now, coordinated) and not loop_lib.all_finite(st.train_metrics):
-                raise NonFiniteError(
-                    f"non-finite train metrics at step {step}: {fmt(st.train_metrics)}; "
-                    f"nothing was saved after it. {self.last_good()}"
-                )
+        window = self.check_window(step) if window_read_due(logging_now, saving_now) else None
+        if tr._progress.enabled:  # the bar shows this call's means
             rate = (step - st.log_start_step) / max(time.time() - st.log_start, 1e-9)
-            tr._progress.update(step, st.train_metrics, rate)
+            tr._progress.update(step, loop_lib.to_python(out), rate)
         self.log_completed_saves()
-        if logging_now:
-            rate = (step - st.log_start_step) / max(time.time() - st.log_start, 1e-9)
-            tr._summaries.scalars("train", step, {**st.train_metrics, "steps_per_sec": rate})
-            log.info("step %d/%d  %s  (%.0f steps/s)", step, t.max_steps, fmt(st.train_metrics), rate)
-            st.log_start, st.log_start_step = time.time(), step
+        if logging_now and window is not None:
+            self.log_window(st, window)
         if saving_now:
             tr.train_state.add_time(st.unsaved_seconds)
             st.unsaved_seconds = 0.0
@@ -323,6 +339,17 @@ class Controller:
             st.last_save_step, st.last_save_time = step, ctx.now
             if export_on_best_due(new_best, step_eval, self.s.export, ctx.preempted, tr.is_chief):
                 self.export_new_best(step, path, step_eval or {})
+
+    def log_window(self, st: LoopState, w: loop_lib.Window) -> None:
+        """One log line and the train summaries: the means since the last log line."""
+        tr, step = self.tr, st.step
+        rate = (step - st.log_start_step) / max(time.time() - st.log_start, 1e-9)
+        st.train_metrics = w.means or st.train_metrics
+        tr._summaries.scalars("train", step, {**w.means, "steps_per_sec": rate, "nonfinite_steps": w.bad_steps})
+        log.info("step %d/%d  %s  (%.0f steps/s)", step, self.s.trainer.max_steps, fmt(w.means), rate)
+        st.log_start, st.log_start_step = time.time(), step
+        tr._train_fn.window.reset()
+        self._bad_reported = None
 
     def _finish(self, st: LoopState, eval_ds) -> None:
         """After the loop: save the step reached if it is not saved; ``max_steps=0`` saves the

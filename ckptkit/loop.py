@@ -8,6 +8,7 @@ different lengths (cut short at an eval, save or log boundary) share one trace.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -33,8 +34,63 @@ def _check_metrics(out, hook: str) -> dict[str, tf.Tensor]:
     return metrics
 
 
+class TrainWindow:
+    """What the train steps since the last log line produced, kept on the device: the sum of
+    each metric over the steps whose metrics were all finite, how many such steps ran, how
+    many did not, and the first step that did not (-1: none). Every step adds to it inside
+    the compiled loop, so a non-finite loss between two log lines is never missed and no step
+    reads anything back to the host; :meth:`read` fetches it at a boundary (one transfer) and
+    :meth:`reset` starts the next window. Not part of any checkpoint."""
+
+    def __init__(self):
+        self.sums = tf.Variable(tf.zeros([0]), shape=tf.TensorShape([None]), trainable=False, name="window_sums")
+        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="window_steps")
+        self.bad_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="window_bad_steps")
+        self.first_bad = tf.Variable(-1, dtype=tf.int64, trainable=False, name="window_first_bad")
+        self.names: list[str] = []
+        self._read = tf.function(lambda: (self.sums.read_value(), self.steps, self.bad_steps, self.first_bad))
+
+    def add(self, metrics: Mapping[str, tf.Tensor], step: tf.Tensor) -> None:
+        """In the traced step: add one step's metrics (``step``: the step just run)."""
+        self.names = sorted(metrics)
+        values = tf.stack([metrics[k] for k in self.names])
+        finite = tf.reduce_all(tf.math.is_finite(values))
+        previous = self.sums.read_value()
+        previous = tf.cond(tf.size(previous) > 0, lambda: previous, lambda: tf.zeros_like(values))
+        self.sums.assign(previous + tf.where(finite, values, tf.zeros_like(values)))
+        self.steps.assign_add(tf.cast(finite, tf.int64))
+        self.bad_steps.assign_add(1 - tf.cast(finite, tf.int64))
+        self.first_bad.assign(tf.where(tf.logical_or(finite, self.first_bad >= 0), self.first_bad, step))
+
+    def read(self) -> Window:
+        sums, steps, bad, first = (np.asarray(t) for t in self._read())
+        n = int(steps)
+        means = {k: float(v) / n for k, v in zip(self.names, sums, strict=False)} if n else {}
+        return Window(means, n, int(bad), int(first) if int(first) >= 0 else None)
+
+    def reset(self) -> None:
+        self.sums.assign(tf.zeros([0]))
+        self.steps.assign(0)
+        self.bad_steps.assign(0)
+        self.first_bad.assign(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The train steps since the last log line, as read by :meth:`TrainWindow.read`: the mean
+    of each metric over the finite steps, and the steps whose metrics were not finite."""
+
+    means: dict[str, float]
+    steps: int
+    bad_steps: int
+    first_bad: int | None
+
+
 class TrainLoop:
     """Runs ``n >= 1`` train steps on ``iterator`` per call: ``loop(n)`` -> mean metrics.
+
+    Every step also adds its metrics to :attr:`window` (on the device), which the host reads
+    at log and save boundaries: the means since the last log line, and any non-finite step.
 
     A loop of ``n > 1`` steps is one ``tf.function`` with ``n`` as a tensor, so loops of any
     length (cut short at an eval, save or log boundary) share one trace. A single step has a
@@ -56,10 +112,13 @@ class TrainLoop:
         def replica_step(batch):
             return _check_metrics(train_step(batch), "train_step")
 
+        self.window = TrainWindow()
+
         def one():
             batch = next(iterator)
             out = replica_step(batch) if dist is None else dist.mean(dist.run(replica_step, batch))
             global_step.assign_add(1)
+            self.window.add(out, global_step.read_value())
             return out
 
         def many(num_steps):

@@ -56,18 +56,11 @@ def test_log_due(step, final, every, want):
 
 
 @pytest.mark.parametrize(
-    "logging_now, saving_now, progress_on, coordinated, read, checked",
-    [
-        (False, False, False, False, False, True),  # nothing uses them: they stay on the device
-        (False, False, True, False, True, True),  # the bar reads them; one process checks them
-        (False, False, True, True, True, False),  # several workers: checked only where all check
-        (True, False, False, True, True, True),
-        (False, True, False, True, True, True),  # always before a save
-    ],
+    "logging_now, saving_now, read",
+    [(False, False, False), (True, False, True), (False, True, True), (True, True, True)],
 )
-def test_train_metrics_are_read_and_checked_when_used(logging_now, saving_now, progress_on, coordinated, read, checked):
-    assert c.metrics_needed(logging_now, saving_now, progress_on) is read
-    assert c.finite_check_due(logging_now, saving_now, coordinated) is checked
+def test_the_train_window_is_read_at_log_lines_and_saves_only(logging_now, saving_now, read):
+    assert c.window_read_due(logging_now, saving_now) is read
 
 
 EXPORT = NS(enabled=True, on_best=True)

@@ -205,7 +205,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             "trainer.eval_every_steps": None,
         },
     )
-    with pytest.raises(FloatingPointError, match="non-finite train metrics at step 15"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite train metrics \(a NaN or infinite loss\) at step 13 and 2 more step\(s\) up to step 15",
+    ):
         Exploding(cfg).fit()
     assert steps_on_disk(tmp_path / "run" / "checkpoints") == [5, 10]
 
