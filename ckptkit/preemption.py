@@ -1,4 +1,7 @@
-"""Preemption: SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 ask the run to save and exit.
+"""Preemption: SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 ask the run to save and exit.
+
+SIGHUP is what a run started from a terminal gets when the terminal or the ssh session
+closes; a process that ignores it (started under ``nohup``) keeps ignoring it.
 
 Python runs signal handlers only when the main thread is back in the interpreter, and the
 main thread spends most of its time inside one ``tf.function`` call running many steps.
@@ -43,6 +46,7 @@ SIGNALS = tuple(
     for s in (
         getattr(signal, "SIGTERM", None),
         getattr(signal, "SIGINT", None),
+        getattr(signal, "SIGHUP", None),
         getattr(signal, "SIGUSR1", None),
         getattr(signal, "SIGUSR2", None),
     )
@@ -242,15 +246,18 @@ class PreemptionWatch:
             if not data:
                 return
             for signum in data:
-                if signum in SIGNALS:
+                if signum in self._old_handlers:
                     self._note(signum)
 
     def __enter__(self) -> PreemptionWatch:
         self.flag.assign(False)
+        self._old_handlers = {}
         self.signum, self._sigints = None, 0
         if threading.current_thread() is not threading.main_thread():
             return self  # signals can only be handled from the main thread
         for s in SIGNALS:
+            if s == getattr(signal, "SIGHUP", None) and signal.getsignal(s) == signal.SIG_IGN:
+                continue  # nohup: the user asked for the run to outlive the terminal
             self._old_handlers[s] = signal.signal(s, self._on_signal)
         self._chained = dict(self._old_handlers)
         r, w = os.pipe()

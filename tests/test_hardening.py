@@ -645,12 +645,20 @@ def test_a_signal_before_training_exits_75_and_loses_nothing(tmp_path, phase, si
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["final_eval", "final_save", "export"])
-def test_a_signal_after_the_last_step_saves_it_exits_0_and_says_the_export_was_skipped(tmp_path, phase):
+@pytest.mark.parametrize(
+    "phase, signum",
+    [
+        ("final_eval", signal.SIGTERM),
+        ("final_save", signal.SIGTERM),
+        ("final_save", signal.SIGHUP),
+        ("export", signal.SIGTERM),
+    ],
+)
+def test_a_signal_after_the_last_step_saves_it_exits_0_and_says_the_export_was_skipped(tmp_path, phase, signum):
     args = [*BASE, "export.enabled=true", "export.verify=false", "checkpoint.async_save=true"]
     if phase == "final_eval":
         args[1] = "trainer.eval_every_steps=10"
-    code, out = _signal_at_pause(_launch(tmp_path, phase, *args), phase, signal.SIGTERM)
+    code, out = _signal_at_pause(_launch(tmp_path, phase, *args), phase, signum)
     assert code == 0, out[-3000:]
     assert "after training finished at step 10" in out and "export was skipped" in out
     assert steps_on_disk(tmp_path / "checkpoints")[-1] == 10

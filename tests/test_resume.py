@@ -3,11 +3,13 @@
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 from conftest import ToyTrainer, make_cfg
-from procs import result_of, run, start, wait_for_line
+from procs import ENV, TOY_RUN, result_of, run, start, wait_for_line
 
 import ckptkit
 from ckptkit import metadata, runlock
@@ -49,7 +51,7 @@ SLOW = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1])
 def test_signal_saves_at_the_step_reached_and_resume_loses_nothing(tmp_path, signum):
     proc = start(tmp_path, *SLOW)
     wait_for_line(proc, "training toy from step 0")
@@ -68,6 +70,26 @@ def test_signal_saves_at_the_step_reached_and_resume_loses_nothing(tmp_path, sig
     assert code == 0, out[-3000:]
     resumed = result_of(out)
     assert resumed["resumed_from"] == step and resumed["steps_run"] == 7
+
+
+@pytest.mark.slow
+def test_under_nohup_sighup_is_still_ignored(tmp_path):
+    """A run started with SIGHUP ignored (``nohup``) was asked to outlive its terminal."""
+    overrides = [o.replace("100000", "400") for o in SLOW]
+    proc = subprocess.Popen(  # what nohup does before it runs the command
+        [sys.executable, TOY_RUN, str(tmp_path), *overrides],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    wait_for_line(proc, "training toy from step 0")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGHUP)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by" not in out and result_of(out)["step"] == 400
 
 
 @pytest.mark.slow
