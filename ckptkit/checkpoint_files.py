@@ -128,6 +128,35 @@ def failure(directory: str, prefix: str, exc: object, needed: int | None) -> str
     return text
 
 
+def agree_state_file(directory: str, checkpoints: list, fence: Callable[[], None] = _no_fence) -> bool:
+    """Rewrite TensorFlow's ``checkpoint`` state file when it does not list ``checkpoints``
+    (what ``metadata.json`` and the files say): a kill between the rename of
+    ``metadata.json`` and that of the state file leaves it naming an older checkpoint, and
+    tools that read it (``tf.train.latest_checkpoint``, TensorBoard) would see the wrong
+    latest until the next save. Returns whether it was rewritten."""
+    want = metadata.state_file_text(checkpoints)
+    if want is None:
+        return False
+    path = os.path.join(directory, metadata.STATE_FILE)
+    have = None
+    if storage.is_real_file(path):  # a link is replaced, never read through
+        try:
+            have = storage.read_text(path)
+        except Exception:  # noqa: BLE001 - unreadable: rewritten
+            have = None
+    if have == want:
+        return False
+    fence()
+    metadata.write_state_file(directory, checkpoints)
+    log.info(
+        "rewrote the checkpoint state file %s to name %s, the newest checkpoint (it %s)",
+        path,
+        os.path.basename(max(checkpoints, key=lambda c: c.step).path),
+        "was missing or unreadable" if have is None else "named other checkpoints: a save was cut short",
+    )
+    return True
+
+
 def check_state_file(directory: str) -> None:
     """Warn when TensorFlow's ``checkpoint`` state file cannot be parsed (ckptkit finds
     checkpoints by their files, and rewrites it at the next save)."""

@@ -250,6 +250,13 @@ class Checkpointer:
             return []
         return checkpoint_files.remove_leftovers(self.directory, self._fence)
 
+    def agree_state_file(self) -> bool:
+        """Make TensorFlow's state file list the recorded checkpoints (the chief, under the
+        run lock, at the start of a launch); see :func:`checkpoint_files.agree_state_file`."""
+        if self.worker_dir or self._pending is not None:
+            return False
+        return checkpoint_files.agree_state_file(self.directory, self.checkpoints, self._fence)
+
     def _failure(self, prefix: str, exc: object) -> str:
         latest = self.latest
         needed = latest.size if latest and latest.size else (self.estimated_size() or None)

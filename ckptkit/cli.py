@@ -159,7 +159,9 @@ def cmd_export(args) -> int:
         f"{where.get('file') or where.get('module')} (named in {run_dir}/{runinfo.RUN_FILE})",
         file=sys.stderr,
     )
-    cls = runinfo.import_trainer_class(where)
+    cls = runinfo.import_trainer_class(
+        where, trust_code=args.trust_code, how_to_trust=f"--trust-code (ckptkit export {args.run_dir} --trust-code)"
+    )
     cfg = OmegaConf.create(record["config"])
     old_run_dir = str(cfg.run_dir)
     cfg.run_dir = run_dir
@@ -379,6 +381,12 @@ def _add_export(sub) -> None:
         help="which checkpoint (default: the run's export.from)",
     )
     exp.add_argument("--to", metavar="DIR", default=None, help="export directory (default: the run's export.dir)")
+    exp.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="import the trainer's file named in the run record even when it lies outside the working "
+        "directory and the installed packages (it runs that file's code)",
+    )
     exp.add_argument(
         "--force",
         action="store_true",

@@ -1,8 +1,8 @@
 """SavedModel export into versioned directories, as TensorFlow Serving expects.
 
 ``export_dir/<version>/`` with ``version`` one more than the highest existing integer. The
-SavedModel is written to a hidden temporary directory beside it (``.tmp-<pid>-<random>``,
-created exclusively, holding a marker file) and renamed into place, so a crash never leaves a
+SavedModel is written to a hidden temporary directory beside it (``.tmp-<host>-<pid>-<random>``,
+created exclusively, holding a marker that names its process) and renamed into place, so a crash never leaves a
 half-written export under a version number. ``assets.extra/ckptkit_export.json`` records
 which checkpoint (step, metrics, and the identity the checkpoint was given at save time) the
 export came from; it is also the mark of a version ckptkit made: only such versions, real
@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -26,9 +27,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ckptkit import serving_check, storage, transfer
+from ckptkit import lock_records, serving_check, storage, transfer
 from ckptkit.errors import ExportError
-from ckptkit.runlock import pid_alive
 from ckptkit.storage import atomic_write_text
 
 #: A serving signature: a ``tf.function`` with an ``input_signature`` (TensorFlow ships no
@@ -363,27 +363,62 @@ def _difference(expected: np.ndarray, actual: np.ndarray) -> str | None:
     return f"element {i}: {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r}"
 
 
+def _temporary_owner(path: str) -> dict | None:
+    """The process that made the export temporary ``path``, from its marker (host, boot,
+    pid, the pid's start time); None when the marker is missing or not one ckptkit wrote."""
+    marker = os.path.join(path, TMP_MARKER)
+    if not storage.is_real_file(marker):
+        return None
+    try:
+        record = json.loads(storage.read_text(marker)[:4096])
+    except Exception:  # noqa: BLE001 - not ckptkit's record
+        return None
+    ok = (
+        isinstance(record, dict)
+        and isinstance(record.get("host"), str)
+        and len(record["host"]) <= 255
+        and isinstance(record.get("pid"), int)
+        and not isinstance(record["pid"], bool)
+        and isinstance(record.get("boot_id") or "", str)
+        and (record.get("pid_start") is None or isinstance(record.get("pid_start"), int))
+    )
+    return record if ok else None
+
+
 def _remove_stale_temporaries(export_dir: str) -> None:
-    """Remove ``.tmp-<pid>-<random>`` directories left by exports killed on this host: only
-    real directories holding ckptkit's marker, whose process is gone."""
+    """Remove the ``.tmp-*`` directories of exports that provably died: real directories
+    whose marker names a process on this host (same boot) that is gone, or a boot of this
+    host that is over. Another host's temporary is never removed, however old: its export
+    may be in progress (hosts share an export directory; no clock of theirs is trusted),
+    nor one whose marker ckptkit did not write."""
     for name in storage.listdir(export_dir):
-        parts = name.split("-")
-        if len(parts) != 3 or parts[0] != ".tmp" or not parts[1].isdigit() or pid_alive(int(parts[1])):
-            continue
         path = os.path.join(export_dir, name)
-        if storage.is_real_file(os.path.join(path, TMP_MARKER)) and storage.remove_tree(path):
-            log.info("removed %s, left by an interrupted export", path)
+        if not name.startswith(".tmp-") or not storage.is_real_dir(path):
+            continue
+        owner = _temporary_owner(path)
+        if owner is None or lock_records.alive_here(owner) is not False:
+            continue
+        if storage.remove_tree(path):
+            log.info("removed %s, left by an interrupted export (pid %d on %s)", path, owner["pid"], owner["host"])
 
 
 def _make_temporary(export_dir: str) -> str:
-    """A fresh, exclusively created temporary directory with ckptkit's marker in it."""
+    """A fresh, exclusively created temporary directory, ``.tmp-<host>-<pid>-<random>``, with
+    ckptkit's marker in it naming this process (what :func:`_remove_stale_temporaries` checks)."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", lock_records.hostname())[:64]
+    owner = {
+        "host": lock_records.hostname(),
+        "boot_id": lock_records.boot_id(),
+        "pid": os.getpid(),
+        "pid_start": lock_records.process_start(os.getpid()),
+    }
     for _ in range(10):
-        tmp = os.path.join(export_dir, f".tmp-{os.getpid()}-{secrets.token_hex(6)}")
+        tmp = os.path.join(export_dir, f".tmp-{host}-{os.getpid()}-{secrets.token_hex(6)}")
         try:
             storage.make_dir_exclusive(tmp)
         except FileExistsError:
             continue
-        storage.write_new(os.path.join(tmp, TMP_MARKER), b"")
+        storage.write_new(os.path.join(tmp, TMP_MARKER), json.dumps(owner).encode())
         return tmp
     raise ExportError(f"cannot create a temporary directory in {export_dir}")
 

@@ -190,6 +190,7 @@ class Launch:
         if tr.is_chief:
             claim_checkpoint_dir(s.checkpoint.dir, tr.run_dir)
             tr.checkpointer.remove_leftovers()
+            tr.checkpointer.agree_state_file()
         self._stop_if_requested(0)
         resumed_from, report = resume_or_warm_start(tr)
         workers.check_restored_alike(tr, resumed_from)

@@ -372,12 +372,19 @@ def write_metadata(
     storage.atomic_write_text(os.path.join(directory, METADATA_FILE), json.dumps(doc, indent=1) + "\n")
 
 
-def write_state_file(directory: str, checkpoints: Sequence[CheckpointInfo]) -> None:
-    """TensorFlow's ``checkpoint`` state file, with paths relative to ``directory``."""
+def state_file_text(checkpoints: Sequence[CheckpointInfo]) -> str | None:
+    """What TensorFlow's ``checkpoint`` state file holds for ``checkpoints`` (None: none)."""
     ordered = sorted(checkpoints, key=lambda c: c.step)
     if not ordered:
-        return
+        return None
     lines = [f'model_checkpoint_path: "{os.path.basename(ordered[-1].path)}"']
     lines += [f'all_model_checkpoint_paths: "{os.path.basename(c.path)}"' for c in ordered]
     lines += [f"all_model_checkpoint_timestamps: {c.time!r}" for c in ordered]
-    storage.atomic_write_text(os.path.join(directory, STATE_FILE), "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_state_file(directory: str, checkpoints: Sequence[CheckpointInfo]) -> None:
+    """TensorFlow's ``checkpoint`` state file, with paths relative to ``directory``."""
+    text = state_file_text(checkpoints)
+    if text is not None:
+        storage.atomic_write_text(os.path.join(directory, STATE_FILE), text)

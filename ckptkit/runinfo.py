@@ -70,8 +70,20 @@ def read_run_record(run_dir: str) -> Mapping[str, Any]:
     return to_dict(record)
 
 
-def import_trainer_class(where: Mapping[str, str]):
-    """Import the trainer class named in a run record."""
+def trusted_location(path: str) -> bool:
+    """Whether ``path`` lies in the working directory (or below it) or in a directory Python
+    already imports from (installed packages): code the user runs anyway."""
+    real = os.path.realpath(path)
+    roots = [os.getcwd()] + [p for p in sys.path if p and os.path.isdir(p)]
+    return any(real.startswith(os.path.realpath(r).rstrip(os.sep) + os.sep) for r in roots)
+
+
+def import_trainer_class(where: Mapping[str, str], *, trust_code: bool = False, how_to_trust: str = "--trust-code"):
+    """Import the trainer class named in a run record. A module is imported by name from the
+    current environment; a file is run only where :func:`trusted_location` holds or with
+    ``trust_code`` (a run directory from elsewhere names whatever file it likes)."""
+    from ckptkit.trainer import Trainer
+
     module_name, qualname = where.get("module"), where.get("qualname", "")
     module = None
     if module_name and module_name != "__main__":
@@ -83,6 +95,12 @@ def import_trainer_class(where: Mapping[str, str]):
         path = where["file"]
         if not os.path.exists(path):
             raise CkptkitError(f"the trainer's file {path} (from the run record) does not exist")
+        if not trust_code and not trusted_location(path):
+            raise CkptkitError(
+                f"the run record names the trainer file {path}, outside the working directory and the "
+                f"installed packages; importing it would run its code. If you trust it, add {how_to_trust} "
+                "(or run the command from the project's directory)"
+            )
         sys.path.insert(0, os.path.dirname(path))
         spec = importlib.util.spec_from_file_location(f"ckptkit_run_{abs(hash(path))}", path)
         if spec is None or spec.loader is None:
@@ -97,4 +115,6 @@ def import_trainer_class(where: Mapping[str, str]):
         obj = getattr(obj, part, None)
         if obj is None:
             raise CkptkitError(f"{module_name} has no trainer class {qualname!r}")
+    if not (isinstance(obj, type) and issubclass(obj, Trainer)):
+        raise CkptkitError(f"{module_name}.{qualname} (from the run record) is not a subclass of ckptkit.Trainer")
     return obj

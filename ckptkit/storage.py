@@ -109,6 +109,11 @@ def write_new(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+def read_text(path: str) -> str:
+    with _tf().io.gfile.GFile(path, "r") as f:
+        return f.read()
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a fresh temporary file, flushed, renamed into place."""
     tmp = temporary_name(path)

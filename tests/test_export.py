@@ -265,3 +265,129 @@ def test_a_version_taken_while_exporting_goes_to_the_next_number(toy_cfg, monkey
     assert second == os.path.join(os.path.dirname(first), "2") and len(counted) == 3
     assert export_lib.read_export_info(first)["step"] == 5  # version 1 untouched
     assert export_lib.versions(os.path.dirname(first)) == [1, 2]
+
+
+HOUSE = """
+import os
+import sys
+
+sys.path.insert(0, {tests!r})
+from conftest import ToyTrainer
+
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imported.log"), "a") as f:
+    f.write("top-level code ran\\n")
+
+
+class HouseTrainer(ToyTrainer):
+    pass
+"""
+
+
+def test_export_runs_a_file_outside_the_environment_only_with_trust_code(tmp_path):
+    """A run directory someone sent names a trainer file outside the working directory and
+    the installed packages (issue 30): export names the file and the flag, and runs nothing."""
+    import importlib.util
+
+    from conftest import make_cfg
+
+    project = tmp_path / "downloaded"
+    project.mkdir()
+    (project / "house_train.py").write_text(HOUSE.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("house_train", project / "house_train.py")
+    module = sys.modules["house_train"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run_dir = project / "run"
+    module.HouseTrainer(make_cfg(run_dir, **{"trainer.max_steps": 5, "export.verify": False})).fit()
+    (project / "imported.log").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    cmd = [sys.executable, "-m", "ckptkit.cli", "export", str(run_dir)]
+    refused = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert f"the run record names the trainer file {project / 'house_train.py'}" in refused.stderr
+    assert f"ckptkit export {run_dir} --trust-code" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (project / "imported.log").exists() and not (run_dir / "export").exists()
+    trusted = subprocess.run(
+        [*cmd, "--trust-code"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert trusted.returncode == 0, trusted.stderr[-3000:]
+    assert trusted.stdout.strip() == str(run_dir / "export" / "1")
+    assert (project / "imported.log").read_text() == "top-level code ran\n"
+    # From the project's own directory the file is the user's own code: no flag needed.
+    again = subprocess.run([*cmd, "--force"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip() == str(run_dir / "export" / "2"), again.stderr[-3000:]
+
+
+NODE_A = (
+    "import sys; from ckptkit import lock_records; lock_records.hostname = lambda: 'node-a'; "
+    "from ckptkit import cli; sys.exit(cli.main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.slow
+def test_hosts_sharing_an_export_directory_never_remove_each_others_temporaries(toy_cfg, tmp_path):
+    """An export on node-a, frozen while it writes its temporary (a slow host), and one on
+    this host into the same directory (issue 30): this host's cleanup removes only what a
+    process of its own that is gone left, never another host's, so both versions publish."""
+    import signal
+    import time
+
+    from ckptkit import lock_records
+
+    cfg = toy_cfg(**{"trainer.max_steps": 5, "export.verify": False})
+    ToyTrainer(cfg).fit()
+    run_dir, shared = cfg["run_dir"], str(tmp_path / "shared")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    node_a = subprocess.Popen(
+        [sys.executable, "-c", NODE_A, "export", run_dir, "--to", shared, "--force"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and node_a.poll() is None:
+        if os.path.isdir(shared) and any(n.startswith(".tmp-node-a-") for n in os.listdir(shared)):
+            break
+        time.sleep(0.002)
+    node_a.send_signal(signal.SIGSTOP)
+    try:
+        a_tmp = [n for n in os.listdir(shared) if n.startswith(".tmp-node-a-")]
+        assert a_tmp, "node-a's export never made its temporary"
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        leftovers = {
+            # node-b's pid means nothing here: never provably dead, so never removed
+            ".tmp-node-b-4242-abcdef": {"host": "node-b", "boot_id": "x", "pid": 4242, "pid_start": 1},
+            # a process of this host that is gone: removed
+            f".tmp-here-{gone.pid}-abcdef": {
+                "host": lock_records.hostname(),
+                "boot_id": lock_records.boot_id(),
+                "pid": gone.pid,
+                "pid_start": None,
+            },
+        }
+        for name, owner in leftovers.items():
+            os.mkdir(os.path.join(shared, name))
+            with open(os.path.join(shared, name, export_lib.TMP_MARKER), "w") as f:
+                json.dump(owner, f)
+        here = subprocess.run(
+            [sys.executable, "-m", "ckptkit.cli", "export", run_dir, "--to", shared, "--force"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert here.returncode == 0, here.stderr[-3000:]
+        assert sorted(n for n in os.listdir(shared) if n.startswith(".tmp-")) == sorted(
+            a_tmp + [".tmp-node-b-4242-abcdef"]
+        )
+    finally:
+        node_a.send_signal(signal.SIGCONT)
+    out, _ = node_a.communicate(timeout=300)
+    assert node_a.returncode == 0, out[-3000:]
+    assert export_lib.versions(shared) == [1, 2]
+    assert sorted(n for n in os.listdir(shared) if n.startswith(".tmp-")) == [".tmp-node-b-4242-abcdef"]
+    for version in ("1", "2"):
+        tf.saved_model.load(os.path.join(shared, version))
