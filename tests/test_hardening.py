@@ -15,7 +15,7 @@ import time
 import pytest
 import tensorflow as tf
 from conftest import Net, ToyTrainer, make_cfg, small_tmpfs, steps_on_disk
-from procs import ENV, TOY_RUN, run, start
+from procs import ENV, TOY_RUN, run, start, wait_for_line
 
 import ckptkit
 from ckptkit import export as export_lib
@@ -219,6 +219,34 @@ def test_unreadable_keeps_the_newest_sets_and_ls_shows_its_size(tmp_path, capsys
     out = capsys.readouterr().out
     assert "unreadable: 3 set(s) of files moved aside, 2.9 KB" in out
     assert (d / "unreadable" / "notes").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["metadata.json", "checkpoint"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_kill_9_at_each_rename_of_a_save_and_the_state_file_agrees_at_the_next_start(tmp_path, name, when):
+    """kill -9 right before or after the rename of metadata.json or of TensorFlow's state file
+    in the second save (issue 30): the next launch makes the state file name the newest
+    complete checkpoint before it restores anything, and the run resumes from it."""
+    d = tmp_path / "checkpoints"
+    args = ["trainer.max_steps=15", "trainer.eval_every_steps=null", "checkpoint.save_every_steps=5"]
+    killed = start(tmp_path, *args, env=dict(ENV, TOY_KILL_AT=f"{name}:{when}:2"))
+    out = killed.communicate(timeout=300)[0]
+    assert killed.returncode == -signal.SIGKILL, out[-3000:]
+    newest = steps_on_disk(d)[-1]
+    assert newest == 10  # TensorFlow's files of step 10 were complete before either rename
+    paused = start(tmp_path, *args, env=dict(ENV, TOY_PAUSE="restore:60"))
+    try:
+        wait_for_line(paused, "PAUSE restore")
+        assert tf.train.latest_checkpoint(str(d)) == str(d / "ckpt-10")
+        state = tf.train.get_checkpoint_state(str(d))
+        assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == ["ckpt-5", "ckpt-10"]
+    finally:
+        paused.kill()
+        paused.wait()
+    code, out = run(tmp_path, *args)
+    assert code == 0, out[-3000:]
+    assert json.loads(out.split("RESULT ", 1)[1].splitlines()[0])["resumed_from"] == 10
 
 
 # --- 2. glob characters in a path ------------------------------------------------------

@@ -10,6 +10,10 @@ after printing ``PAUSE <phase>``, so a test can send a signal right then: ``buil
 the model), ``restore`` (restoring a checkpoint), ``final_eval`` (the eval at the last step),
 ``final_save`` (the background write of the last checkpoint, while fit() waits for it),
 ``export`` (building the serving signatures of the final export).
+
+``TOY_KILL_AT=<file name>:<before|after>:<k>`` kills the process with SIGKILL right before or
+right after ckptkit's k-th atomic rename of a file of that name (``metadata.json``,
+``checkpoint``): what a crash between the two renames of a save leaves.
 """
 
 import hashlib
@@ -35,6 +39,27 @@ def pause(phase: str) -> None:
         PHASE = None  # once
         print(f"PAUSE {phase}", flush=True)
         __import__("time").sleep(float(PAUSE))
+
+
+def _kill_at_a_rename() -> None:
+    name, when, k = (os.environ.get("TOY_KILL_AT") or "::").split(":")
+    if not name:
+        return
+    from ckptkit import storage
+
+    real, seen = storage.atomic_write_text, []
+
+    def write(path, text):
+        if os.path.basename(path) == name:
+            seen.append(path)
+        due = len(seen) == int(k) and os.path.basename(path) == name
+        if due and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, text)
+        if due and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    storage.atomic_write_text = write
 
 
 def _pause_in_ckptkit() -> None:
@@ -93,6 +118,7 @@ def main() -> None:
     trainer = SlowToyTrainer(make_cfg(run_dir, **kw))
     os.environ["TOY_LAST_STEP"] = str(trainer.settings.trainer.max_steps)
     _pause_in_ckptkit()
+    _kill_at_a_rename()
     marker = kw.get("data.chain_marker")
     if marker:  # stands in for a scheduler helper's handler (submitit's requeue on SIGUSR2)
 
