@@ -113,19 +113,48 @@ def failure(directory: str, prefix: str, exc: object, needed: int | None) -> str
     for path in metadata.names_in_the_way(os.path.dirname(prefix), step) if step is not None else []:
         if metadata.is_shard_temporary(os.path.basename(path)):
             storage.remove_tree(path)  # TensorFlow's partial shards of this save: useless now
-    if "space left" in text.lower() or "ENOSPC" in text:
-        try:
-            st = os.statvfs(directory)
-            free = st.f_bavail * st.f_frsize
-        except OSError:
-            free = None
-        text = (
-            f"the disk holding {directory} is full ({free if free is not None else '?'} "
-            f"bytes free, about {needed if needed else '?'} bytes needed for one checkpoint); "
-            f"free space and launch again: the run resumes from its last complete "
-            f"checkpoint ({text})"
-        )
+    _remove_torn_index(prefix)
+    if storage.disk_full(exc):
+        return full_disk(directory, needed)
     return text
+
+
+def _remove_torn_index(prefix: str) -> None:
+    """A save that failed while TensorFlow merged its index (a full disk) can leave a torn
+    ``.index`` under the final name, which the next launch would take for a checkpoint. An
+    index that parses marks complete data (written before it): kept, and found by the next
+    launch; one that does not is removed with its data files (this save's own: nothing was
+    in the way of its names, see :func:`clear_the_way`)."""
+    import tensorflow as tf
+
+    index = prefix + ".index"
+    if not storage.is_real_file(index):
+        return
+    try:
+        tf.train.load_checkpoint(prefix)
+        return
+    except Exception:  # noqa: BLE001 - torn, truncated: not a checkpoint
+        pass
+    removed = [f for f in metadata.checkpoint_files(prefix) if storage.remove_file(f)]
+    log.warning("removed the torn files of the failed save %s: %s", prefix, ", ".join(map(os.path.basename, removed)))
+
+
+def full_disk(directory: str, needed: int | None, writing: str | None = None) -> str:
+    """One line for a full disk: the directory, the bytes free (after what the failed write
+    left was removed) and the bytes one checkpoint needs; what to do."""
+    free = storage.free_bytes(directory)
+    have = f"{free} bytes free" if free is not None else "its free space unknown"
+    if not needed:
+        need = ""
+    elif free is None or free < needed:
+        need = f", about {needed} bytes needed for one checkpoint"
+    else:  # the estimate fell short of what the save wrote: say no more than is known
+        need = f"; one checkpoint needs more than that (its variables and data position alone take {needed} bytes)"
+    return (
+        f"the disk holding {directory} is full ({have}{need})"
+        + (f" while writing {os.path.basename(writing)}" if writing else "")
+        + "; free space and launch again: the run resumes from its last complete checkpoint"
+    )
 
 
 def agree_state_file(directory: str, checkpoints: list, fence: Callable[[], None] = _no_fence) -> bool:
@@ -177,13 +206,15 @@ def check_state_file(directory: str) -> None:
 
 
 def variables_size(trackables: Mapping[str, Any]) -> int:
+    """Bytes of the variables a checkpoint holds: TensorFlow's and Keras 3's (which are no
+    ``tf.Variable``), of the model, the optimizer (slots included) and every other object."""
     import tensorflow as tf
 
-    """Bytes of the variables a checkpoint holds (what one needs on disk, about)."""
     seen, total = set(), 0
     for obj in trackables.values():
         variables = [obj] if isinstance(obj, tf.Variable) else list(getattr(obj, "variables", []) or [])
         for v in variables:
+            v = getattr(v, "value", v) if not isinstance(v, tf.Variable) else v  # a Keras variable's
             if id(v) in seen or not isinstance(v, tf.Variable) or not v.shape.is_fully_defined():
                 continue
             seen.add(id(v))

@@ -258,9 +258,12 @@ class Checkpointer:
         return checkpoint_files.agree_state_file(self.directory, self.checkpoints, self._fence)
 
     def _failure(self, prefix: str, exc: object) -> str:
+        return checkpoint_files.failure(self.directory, prefix, exc, self.needed_bytes())
+
+    def needed_bytes(self) -> int:
+        """What the next checkpoint needs on disk, about: the latest one's size, else the estimate."""
         latest = self.latest
-        needed = latest.size if latest and latest.size else (self.estimated_size() or None)
-        return checkpoint_files.failure(self.directory, prefix, exc, needed)
+        return latest.size if latest and latest.size else self.estimated_size()
 
     def set_aside(self, info: CheckpointInfo, reason: str) -> str | None:
         """Take the unreadable checkpoint ``info`` out of the run: its files move to
@@ -283,8 +286,9 @@ class Checkpointer:
         return into
 
     def estimated_size(self) -> int:
-        """Bytes of the variables a checkpoint holds (what one needs on disk, about)."""
-        return checkpoint_files.variables_size(self._trackables)
+        """Bytes one checkpoint needs, about: its variables (model, optimizer slots, the rest),
+        its data position (known once a save has taken it) and 4 kB for the index and graph."""
+        return checkpoint_files.variables_size(self._trackables) + (self.data_position_bytes() or 0) + 4096
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is written and recorded; raise its error."""

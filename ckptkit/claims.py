@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ckptkit import storage
+from ckptkit import checkpoint_files, storage
 from ckptkit.errors import CheckpointSaveError
 from ckptkit.preemption import SweepStopping
 from ckptkit.runlock import RunLock
@@ -30,7 +30,9 @@ class RunClaims:
         """Lock the run directory, and ``checkpoint_dir`` where it lies outside it."""
         try:
             self.locks.append(RunLock(run_dir, lease_seconds=self.lease_seconds).acquire())
-        except OSError as exc:  # read-only, not a directory, no permission
+        except OSError as exc:  # read-only, not a directory, no permission, full
+            if storage.disk_full(exc):
+                raise CheckpointSaveError(checkpoint_files.full_disk(run_dir, None)) from exc
             raise CheckpointSaveError(f"cannot write to the run directory {run_dir}: {exc}") from exc
         self.take_checkpoint_dir(run_dir, checkpoint_dir)
 

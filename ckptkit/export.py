@@ -458,6 +458,12 @@ def serve_with_session_loader(path: str, feeds, io_dir: str, label: str | None =
         raise ExportError(
             f"export check of {label}: the session loader did not finish in {CHECK_TIMEOUT_SECONDS} s"
         ) from exc
+    if done.returncode != 0 and storage.disk_full(done.stderr):
+        raise ExportError(
+            f"export check of {label}: the disk holding {os.path.dirname(io_dir)} is full "
+            f"({storage.free_bytes(io_dir)} bytes free), so the check could not write its results; "
+            "the model was not found at fault. Free space and export again"
+        )
     if done.returncode != 0:
         said = [
             line[len(serving_check.ERROR_PREFIX) :]
@@ -598,6 +604,12 @@ def export_saved_model(
             raise  # an interrupt: cleaned up, passed on
         if isinstance(exc, ExportError):
             raise
+        if storage.disk_full(exc):
+            raise ExportError(
+                f"exporting the SavedModel to {final} failed: the disk holding {export_dir} is full "
+                f"({storage.free_bytes(export_dir)} bytes free after removing the partial export); "
+                "free space and export again"
+            ) from exc
         raise ExportError(f"exporting the SavedModel to {final} failed: {exc}") from exc
     storage.remove_tree(tmp)
     if verify and feeds:

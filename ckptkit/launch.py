@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,12 +21,12 @@ from typing import Any
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-from ckptkit import distribute, launch_record, metadata, workers
+from ckptkit import checkpoint_files, distribute, launch_record, metadata, runinfo, storage, workers
 from ckptkit import export as export_lib
 from ckptkit.claims import RunClaims, refuse_if_sweep_stopping
 from ckptkit.config import to_dict
 from ckptkit.controller import Controller
-from ckptkit.errors import ConfigError
+from ckptkit.errors import CheckpointSaveError, CkptkitError, ConfigError
 from ckptkit.metadata import checkpoint_prefix as metadata_prefix
 from ckptkit.ownership import claim_checkpoint_dir
 from ckptkit.preemption import ExportInterrupted, Interrupted, Preempted, stop_exception
@@ -98,13 +99,33 @@ class Launch:
         tr._accepted = False
         try:
             tr.distribution = distribute.create(tr.settings.strategy)
-            return self._fit_watched()
+            try:
+                return self._fit_watched()
+            except (OSError, tf.errors.OpError) as exc:
+                if isinstance(exc, CkptkitError) or not storage.disk_full(exc):
+                    raise
+                raise self._disk_full(exc) from exc
         except BaseException:
             if not tr._accepted and tr.is_chief:
                 launch_record.restore(tr.run_dir)
             raise
         finally:
             tr._held_logs.release()
+
+    def _disk_full(self, exc: BaseException) -> CheckpointSaveError:
+        """A full disk met outside a save (the run record, the run's identity, TensorBoard's
+        event files, the lock): one line, as a save's (``checkpoint_files.full_disk``)."""
+        tr = self.tr
+        text = getattr(exc, "message", None) or str(exc)
+        named = [getattr(exc, "filename", None)] + re.findall(r"(/[^\s;:'\"]+)", text)
+        # TensorFlow's messages also hold device names (/job:localhost/...): a path counts
+        # when its directory exists, below the root
+        path = next(
+            (p for p in named if p and os.path.dirname(p) not in ("", "/") and os.path.isdir(os.path.dirname(p))), None
+        )
+        directory = os.path.dirname(path) if path else tr.run_dir
+        needed = tr.checkpointer.needed_bytes() if "checkpointer" in vars(tr) else None
+        return CheckpointSaveError(checkpoint_files.full_disk(directory, needed, writing=path))
 
     def _fit_watched(self) -> FitResult:
         tr = self.tr
@@ -191,6 +212,7 @@ class Launch:
             claim_checkpoint_dir(s.checkpoint.dir, tr.run_dir)
             tr.checkpointer.remove_leftovers()
             tr.checkpointer.agree_state_file()
+            runinfo.remove_leftovers(tr.run_dir)
         self._stop_if_requested(0)
         resumed_from, report = resume_or_warm_start(tr)
         workers.check_restored_alike(tr, resumed_from)

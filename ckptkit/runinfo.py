@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -21,6 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ckptkit import storage
 from ckptkit.config import to_dict
 from ckptkit.errors import CkptkitError
 from ckptkit.storage import atomic_write_text
@@ -68,6 +71,25 @@ def read_run_record(run_dir: str) -> Mapping[str, Any]:
     if not isinstance(record, DictConfig):
         raise CkptkitError(f"{path} is not a ckptkit run record: it holds a list, not a mapping")
     return to_dict(record)
+
+
+_LEFTOVER_RE = re.compile(r"^(ckptkit_run\.yaml|\.ckptkit-run-id)\.tmp-[0-9a-f]+$")
+
+
+def remove_leftovers(run_dir: str) -> list[str]:
+    """Delete the temporaries of the run record and the run's identity that a crash or a
+    full disk left in ``run_dir`` (only those names, only real files). Call it holding the
+    run lock: only the lock's holder writes them."""
+    removed = [
+        p
+        for p in (os.path.join(run_dir, n) for n in sorted(storage.listdir(run_dir)) if _LEFTOVER_RE.match(n))
+        if storage.remove_file(p)
+    ]
+    if removed:
+        logging.getLogger("ckptkit").info(
+            "removed what interrupted writes left in %s: %s", run_dir, ", ".join(os.path.basename(p) for p in removed)
+        )
+    return removed
 
 
 def trusted_location(path: str) -> bool:

@@ -382,12 +382,34 @@ class RunLock:
             self.record["released"] = True
         path = self._own_path()
         tmp = os.path.join(self.claims_dir, f".tmp-{secrets.token_hex(8)}")
-        storage.write_new(tmp, records.encode(self.record))
+        try:
+            storage.write_new(tmp, records.encode(self.record))
+        except OSError as exc:
+            if not (released and storage.disk_full(exc)):
+                raise
+            self._release_in_place(path)
+            return
         try:
             os.replace(tmp, path)
         except BaseException:
             _unlink(tmp)
             raise
+
+    def _release_in_place(self, path: str) -> None:
+        """Mark the claim released on a full disk: the record is overwritten in its own
+        blocks (padded with spaces, which JSON ignores, to its old length), which needs no
+        free space. Without it a launch in this process would find its own claim held."""
+        assert self.record is not None
+        data = records.encode(self.record)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            old = os.fstat(fd).st_size
+            if len(data) > old:
+                raise OSError(errno.ENOSPC, "the released record does not fit in the old one's place", path)
+            os.pwrite(fd, data + b" " * (old - len(data)), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         """Mark this launch's claim released, only while it is still its own."""

@@ -18,6 +18,7 @@ operations go through ``tf.io.gfile``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -93,20 +94,58 @@ def fsync_path(path: str) -> None:
 
 
 def write_new(path: str, data: bytes) -> None:
-    """Create ``path`` (which must not exist, not even as a link) and write ``data``."""
+    """Create ``path`` (which must not exist, not even as a link) and write ``data``; a write
+    that fails (a full disk) removes the file it created."""
     if not is_local(path):
         if _tf().io.gfile.exists(path):
             raise FileExistsError(path)
-        with _tf().io.gfile.GFile(path, "wb") as f:
-            f.write(data)
+        try:
+            with _tf().io.gfile.GFile(path, "wb") as f:
+                f.write(data)
+        except BaseException:
+            remove_file(path)
+            raise
         return
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-    finally:
+    except BaseException:
         os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+
+
+#: How a full disk or an exhausted quota reads: errno (Python) or strerror (TensorFlow's messages).
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = tuple(os.strerror(e) for e in _FULL_ERRNOS) + ("ENOSPC", "EDQUOT")
+
+
+def disk_full(exc: object) -> bool:
+    """Whether ``exc`` (an exception or its text) says the disk or the quota is full."""
+    if getattr(exc, "errno", None) in _FULL_ERRNOS:
+        return True
+    text = getattr(exc, "message", None) or str(exc)
+    return any(t in text for t in _FULL_TEXTS)
+
+
+def free_bytes(path: str) -> int | None:
+    """Bytes free to this user on the filesystem holding ``path`` (its nearest existing
+    parent); None where that cannot be told (a remote filesystem)."""
+    if not is_local(path):
+        return None
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    try:
+        st = os.statvfs(path or ".")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def read_text(path: str) -> str:

@@ -3,6 +3,7 @@ order, bad values; and a property test of retention over random saves, crashes, 
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -290,3 +291,40 @@ def test_the_preempted_exit_code_is_a_setting(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out[-3000:]
     assert "stopped by SIGTERM at step" in out
+
+
+@pytest.mark.parametrize("free", [0, 4096, 12288, 20000, 28000, 60000, 200000])
+def test_every_full_disk_path_says_one_thing(tmp_path, free):
+    """The whole run directory on a disk with ``free`` bytes left (issue 30): the run record,
+    the run's identity, the lock, TensorBoard's event files, a save, the export. Each stops
+    with one line naming the directory and the bytes free (and what one checkpoint needs once
+    known, never less than what is free), leaves no temporary behind, and the run resumes
+    once there is room."""
+    with small_tmpfs(tmp_path / "small", "4m") as small:
+        st = os.statvfs(small)
+        filler = small / "filler"
+        filler.write_bytes(b"\0" * max(st.f_bavail * st.f_frsize - free, 0))
+        cfg = make_cfg(
+            small / "run",
+            **{
+                "model.hidden": 64,
+                "trainer.max_steps": 20,
+                "trainer.eval_every_steps": None,
+                "checkpoint.save_every_steps": 5,
+                "export.enabled": True,
+            },
+        )
+        with pytest.raises((ckptkit.CheckpointSaveError, ckptkit.ExportError)) as err:
+            ToyTrainer(cfg).fit()
+        message = str(err.value)
+        assert "\n" not in message and "Op:" not in message and "function_node" not in message, message
+        said = re.search(r"the disk holding (\S+) is full \((\d+) bytes free(?:, about (\d+) bytes needed)?", message)
+        assert said, message
+        assert said.group(1).startswith(str(small / "run")), message
+        if said.group(3):
+            assert int(said.group(3)) > int(said.group(2)), message
+        left = [os.path.join(d, n) for d, _, names in os.walk(small / "run") for n in names if ".tmp-" in n]
+        assert not left, left
+        filler.unlink()
+        result = ToyTrainer(cfg).fit()
+        assert result.step == 20 and result.export_path
