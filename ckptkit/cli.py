@@ -145,7 +145,7 @@ def cmd_export(args) -> int:
 
     from ckptkit import runinfo
     from ckptkit.config import anchored
-    from ckptkit.errors import CkptkitError
+    from ckptkit.errors import CkptkitError, ConfigError
 
     run_dir = os.path.abspath(args.run_dir)
     record = runinfo.read_run_record(run_dir)
@@ -183,7 +183,14 @@ def cmd_export(args) -> int:
     if record.get("cwd") and os.path.isdir(record["cwd"]):
         os.chdir(record["cwd"])  # the user's relative data paths mean what they meant then
     try:
-        trainer = cls(cfg)
+        try:
+            trainer = cls(cfg)
+        except ConfigError as exc:
+            raise ConfigError(
+                exc.key,
+                f"{exc.message} (in the run record {run_dir}/{runinfo.RUN_FILE}, which an older ckptkit wrote "
+                "with it: correct or delete that line there, then export again)",
+            ) from None
         path = trainer.export(from_=args.source, to=os.path.join(here, args.to) if args.to else None, force=args.force)
     finally:
         os.chdir(here)

@@ -14,6 +14,7 @@ Validation raises :class:`~ckptkit.errors.ConfigError`; it never rewrites a valu
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import logging
 import math
@@ -269,6 +270,30 @@ def _config_error(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
     return ConfigError(key, msg)
 
 
+def _unknown_key(schema: DictConfig, given: Any, prefix: str) -> ConfigError | None:
+    """The first key of ``given`` that the schema does not have, with the nearest known
+    key: Hydra's ``+key``/``++key`` and a group file bypass the schema's struct flag, so the
+    keys are compared here, whatever way they arrived."""
+    if not isinstance(given, (DictConfig, Mapping)) or not isinstance(schema, DictConfig):
+        return None
+    if OmegaConf.is_struct(schema) is False:
+        return None  # a map the user fills (checkpoint.init_from.rename)
+    known = [str(k) for k in schema.keys()]
+    for key in given.keys() if isinstance(given, DictConfig) else given:
+        full = f"{prefix}.{key!s}"
+        if str(key) not in known:
+            near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix}.{near[0]}?" if near else f"; {prefix} has: {', '.join(known)}"
+            return ConfigError(full, f"unknown key{hint}")
+        sub_schema = schema._get_node(str(key))
+        if isinstance(sub_schema, DictConfig):
+            sub_given = given._get_node(str(key)) if isinstance(given, DictConfig) else given[key]
+            found = _unknown_key(sub_schema, sub_given, full)
+            if found is not None:
+                return found
+    return None
+
+
 def merge_with_schema(cfg: Mapping[str, Any] | DictConfig) -> DictConfig:
     """Return a copy of ``cfg`` whose owned groups are checked against their schemas.
 
@@ -282,6 +307,9 @@ def merge_with_schema(cfg: Mapping[str, Any] | DictConfig) -> DictConfig:
         given = src.get(group) if group in src else None
         if given is not None and not isinstance(given, (DictConfig, Mapping)):
             raise ConfigError(group, f"must be a mapping of settings, got {given!r}")
+        unknown = _unknown_key(schema, given, group)
+        if unknown is not None:
+            raise unknown
         try:
             merged = OmegaConf.merge(schema, given) if given is not None else schema
         except OmegaConfBaseException as exc:

@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
-from ckptkit.errors import CheckpointSaveError, ConfigError, DataPipelineError, NonFiniteError
+from ckptkit.errors import CheckpointSaveError, ConfigError, DataPipelineError, HookError, NonFiniteError
 from ckptkit.policies import (
     AnySave,
     CheckpointInfo,
@@ -137,6 +137,32 @@ class Controller:
         self._bad_reported: tuple[int, int] | None = None  # (first, count) of non-finite steps warned of
 
     # --- the actions -------------------------------------------------------------------
+
+    def prepare_eval(self, eval_ds) -> None:
+        """Before the first step, not after training: ``eval_step`` is overridden and returns
+        scalar metrics, the eval data is not empty, and ``checkpoint.best.metric`` is one of
+        the metrics (its function is traced here, once)."""
+        tr, best = self.tr, self.s.checkpoint.best.metric
+        if eval_ds is None:
+            return
+        from ckptkit.trainer import Trainer
+
+        if type(tr).eval_step is Trainer.eval_step:
+            raise HookError(f"{type(tr).__name__} has an eval_dataset() but does not override eval_step()")
+        if next(iter(eval_ds.take(1)), None) is None:
+            raise DataPipelineError(
+                "eval_dataset() yielded no batch: it is empty (check the data path, filters and batch size)"
+            )
+        check = loop_lib.HookCheck()
+        dist = tr.distribution
+        self._eval_fn = loop_lib.make_eval_step(tr.eval_step, dist if dist.distributed else None, check)
+        concrete = self._eval_fn.get_concrete_function(eval_ds.element_spec)
+        check.raise_if_any()
+        names = sorted(concrete.structured_outputs[0])
+        if best and best not in names:
+            raise ConfigError(
+                "checkpoint.best.metric", f"{best!r} is not among the metrics eval_step() returns ({', '.join(names)})"
+            )
 
     def evaluate(self, eval_ds, step: int) -> dict[str, float]:
         tr = self.tr

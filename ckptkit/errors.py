@@ -30,6 +30,11 @@ class ConfigError(CkptkitError, ValueError):
         return (type(self), (self.key, self.message))
 
 
+class HookError(CkptkitError, TypeError):
+    """A Trainer's hook is missing or returned what ckptkit cannot use (the README's table
+    'The hooks')."""
+
+
 class CheckpointNotFoundError(CkptkitError, FileNotFoundError):
     """A checkpoint that was asked for does not exist or cannot be read."""
 

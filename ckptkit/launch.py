@@ -190,6 +190,7 @@ class Launch:
                 "checkpoint.best.metric",
                 f"is {tr.settings.checkpoint.best.metric!r} but the trainer has no eval_dataset()",
             )
+        self.controller.prepare_eval(eval_ds)
         start_step = int(tr.global_step.numpy())
         self._open_summaries_and_progress(start_step, resumed_from is not None)
         try:

@@ -17,21 +17,57 @@ import numpy as np
 import tensorflow as tf
 
 
-def _check_metrics(out, hook: str) -> dict[str, tf.Tensor]:
+def _describe(value) -> str:
+    if value is None:
+        return "None (is a return statement missing?)"
+    if isinstance(value, (tf.Tensor, tf.Variable, np.ndarray, np.generic)) or hasattr(value, "dtype"):
+        return "a tensor"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, Mapping):
+        return "an empty dict"
+    return f"a {type(value).__name__}"
+
+
+def _metrics_problem(out, hook: str) -> str | None:
+    """What is wrong with ``hook``'s return value, in one line; None when it is usable."""
     if not isinstance(out, Mapping) or not out:
-        raise TypeError(
-            f"{hook} must return a non-empty dict of scalar tensors, e.g. {{'loss': loss}}; got {type(out).__name__}"
-        )
-    metrics = {}
+        return f"{hook}() returned {_describe(out)}; return a dict of scalar metrics such as {{'loss': loss}}"
     for key, value in out.items():
-        value = tf.convert_to_tensor(value)
+        try:
+            value = tf.convert_to_tensor(value)
+        except (TypeError, ValueError):
+            return f"{hook}() returned {key!r} as {_describe(value)}, which is no tensor; metrics are scalar numbers"
+        if not (value.dtype.is_floating or value.dtype.is_integer or value.dtype.is_bool):
+            return f"{hook}() returned {key!r} of type {value.dtype.name}; metrics are scalar numbers"
         if value.shape.rank not in (0, None):
-            raise TypeError(
-                f"{hook} returned {key!r} with shape {value.shape}; "
-                "metrics must be scalars (reduce them, e.g. tf.reduce_mean)"
+            return (
+                f"{hook}() returned {key!r} with shape {value.shape.as_list()}; metrics must be scalars "
+                "(reduce them, e.g. tf.reduce_mean)"
             )
-        metrics[str(key)] = tf.cast(value, tf.float32)
-    return metrics
+    return None
+
+
+class HookCheck:
+    """Checks a hook's return value while it is traced, without raising inside the trace
+    (where AutoGraph would wrap the message in pages of its own frames): the first problem
+    is kept, the trace goes on with a stand-in, and :meth:`raise_if_any` raises it after."""
+
+    def __init__(self):
+        self.problem: str | None = None
+
+    def metrics(self, out, hook: str) -> dict[str, tf.Tensor]:
+        problem = _metrics_problem(out, hook)
+        if problem is not None:
+            self.problem = self.problem or problem
+            return {"loss": tf.constant(0.0)}
+        return {str(k): tf.cast(tf.convert_to_tensor(v), tf.float32) for k, v in out.items()}
+
+    def raise_if_any(self) -> None:
+        if self.problem is not None:
+            from ckptkit.errors import HookError
+
+            raise HookError(self.problem)
 
 
 class TrainWindow:
@@ -109,8 +145,10 @@ class TrainLoop:
     def __init__(
         self, train_step: Callable, global_step: tf.Variable, iterator, stop: tf.Variable | None = None, dist=None
     ):
+        self.check = HookCheck()
+
         def replica_step(batch):
-            return _check_metrics(train_step(batch), "train_step")
+            return self.check.metrics(train_step(batch), "train_step")
 
         self.window = TrainWindow()
 
@@ -174,6 +212,7 @@ class TrainLoop:
             self._single_fn  # noqa: B018 - traces
         else:
             self._loop_fn  # noqa: B018 - traces
+        self.check.raise_if_any()
 
     def __call__(self, n: int) -> dict[str, tf.Tensor]:
         if n == 1 and not self._coordinated:
@@ -189,11 +228,12 @@ def batch_size(batch) -> tf.Tensor:
     return shape[0] if first.shape.rank else tf.constant(1)
 
 
-def make_eval_step(eval_step: Callable, dist=None) -> Callable:
+def make_eval_step(eval_step: Callable, dist=None, check: HookCheck | None = None) -> Callable:
     """A tf.function: batch -> (metric * rows summed over replicas, rows), in float64."""
+    check = check or HookCheck()
 
     def replica(batch):
-        metrics = _check_metrics(eval_step(batch), "eval_step")
+        metrics = check.metrics(eval_step(batch), "eval_step")
         n = batch_size(batch)
         rows = tf.cast(n, tf.float64)
         # A replica may get no rows of a short last batch; its means are NaN then.

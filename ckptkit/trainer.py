@@ -39,6 +39,7 @@ from ckptkit.errors import (
     CheckpointMismatchError,
     DataPipelineError,
     ExportError,
+    HookError,
 )
 from ckptkit.iterator_state import peek
 from ckptkit.launch import FitResult, Launch
@@ -54,6 +55,21 @@ from ckptkit.summaries import NoSummaries, SummaryWriters
 from ckptkit.transfer import unreachable_variables
 
 log = logging.getLogger("ckptkit")
+
+#: The hooks every Trainer overrides (the others have defaults; the README's 'The hooks').
+REQUIRED_HOOKS = ("build_model", "build_optimizer", "train_dataset", "train_step")
+
+
+def check_overrides(trainer: Trainer) -> None:
+    """Name every required hook the trainer's class does not override, in one line, before
+    anything is built or traced."""
+    cls = type(trainer)
+    missing = [f"{h}()" for h in REQUIRED_HOOKS if getattr(cls, h) is getattr(Trainer, h)]
+    if missing:
+        names = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
+        raise HookError(
+            f"{cls.__name__} does not override {names}, which every Trainer must (see 'The hooks' in the README)"
+        )
 
 
 def _features(batch):
@@ -176,6 +192,7 @@ class Trainer:
         """
         if self._built:
             return
+        check_overrides(self)
         s = self.settings
         tf.keras.utils.set_random_seed(s.trainer.seed)
         if s.trainer.deterministic:

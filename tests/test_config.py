@@ -175,3 +175,53 @@ def test_exit_codes_are_exit_statuses(tmp_path, key, value):
     cfg["trainer"][key] = value
     with pytest.raises(ckptkit.ConfigError, match=f"trainer.{key}"):
         ToyTrainer(cfg)
+
+
+TYPOS = [
+    ("trainer.max_step=5", "trainer.max_step", "did you mean trainer.max_steps?"),
+    ("checkpoint.save_every_step=5", "checkpoint.save_every_step", "did you mean checkpoint.save_every_steps?"),
+    ("checkpoint.best.metrc=accuracy", "checkpoint.best.metrc", "did you mean checkpoint.best.metric?"),
+    ("export.enable=false", "export.enable", "did you mean export.enabled?"),
+    ("strategy.knd=mirrored", "strategy.knd", "did you mean strategy.kind?"),
+]
+
+
+@pytest.mark.parametrize("plus", ["+", "++"])
+@pytest.mark.parametrize("override, key, hint", TYPOS)
+def test_a_typo_added_with_plus_is_refused_with_the_nearest_key(override, key, hint, plus):
+    """Hydra's own hint turns `trainer.max_step=5` into `+trainer.max_step=5`, which adds
+    the key past the schema (issue 31): ckptkit refuses it however it arrives."""
+    cfg = _compose([plus + override])
+    with pytest.raises(ckptkit.ConfigError) as err:
+        load_config(cfg)
+    assert str(err.value) == f"config key `{key}`: unknown key; {hint}"
+
+
+def test_a_typo_in_a_group_file_is_refused(tmp_path):
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "base.yaml").write_text("max_step: 5\n")  # without the schema Hydra lets it in
+    (tmp_path / "config.yaml").write_text(
+        "defaults:\n  - trainer: base\n  - checkpoint: default\n  - export: default\n  - strategy: default\n"
+        "  - _self_\nname: x\n"
+    )
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose(config_name="config")
+    with pytest.raises(ckptkit.ConfigError, match=r"trainer.max_step`: unknown key; did you mean trainer.max_steps"):
+        load_config(cfg)
+
+
+def test_an_old_record_holding_a_typo_names_the_file(tmp_path, capsys):
+    """A run record written before typos were refused: export says where the key is."""
+    import yaml
+
+    from ckptkit import cli
+
+    run = tmp_path / "run"
+    ToyTrainer(make_cfg(run, **{"trainer.max_steps": 2})).fit()
+    record = yaml.safe_load((run / "ckptkit_run.yaml").read_text())
+    record["config"]["trainer"]["max_step"] = 5
+    (run / "ckptkit_run.yaml").write_text(yaml.safe_dump(record))
+    assert cli.main(["export", str(run)]) == 1
+    message = capsys.readouterr().err
+    assert "config key `trainer.max_step`: unknown key; did you mean trainer.max_steps?" in message
+    assert f"in the run record {run}/ckptkit_run.yaml" in message and "correct or delete that line" in message
