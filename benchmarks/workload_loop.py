@@ -184,7 +184,6 @@ def timed_fit(trainer: ckptkit.Trainer, warmup: int) -> float:
         marks.append((time.perf_counter(), done[0]))
         return out
 
-    timed.window = inner.window  # type: ignore[attr-defined]  # the controller reads the train window
     trainer._train_fn = timed
     trainer.fit()
     start = next(m for m in marks if m[1] >= warmup)

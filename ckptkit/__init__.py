@@ -20,6 +20,7 @@ from ckptkit.errors import (
     ConfigError,
     DataPipelineError,
     ExportError,
+    HookError,
     NonFiniteError,
 )
 
@@ -84,6 +85,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
     "ExportError",
+    "HookError",
     "NonFiniteError",
     "Interrupted",
     "Preempted",

@@ -45,6 +45,8 @@ def unreadable_sets(directory: str) -> list[str]:
     """The sets in ``<directory>/unreadable/``, oldest first (only ckptkit's own: named by
     time, real directories)."""
     top = os.path.join(directory, metadata.UNREADABLE_DIR)
+    if not storage.is_real_dir(top):
+        return []
     names = sorted(n for n in storage.listdir(top) if _STAMP_RE.match(n))
     return [os.path.join(top, n) for n in names if storage.is_real_dir(os.path.join(top, n))]
 

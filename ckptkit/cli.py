@@ -114,6 +114,7 @@ def cmd_ls(args) -> int:
     best = set(doc.get("best") or [])
     latest = ckpts[-1].step if ckpts else None
     rows = [("step", "time", "size", "metrics", "marks")]
+    changed: list[str] = []
     for c in ckpts:
         when = datetime.datetime.fromtimestamp(c.time).strftime("%Y-%m-%d %H:%M:%S")
         metrics = (
@@ -123,13 +124,24 @@ def cmd_ls(args) -> int:
             )
             or "-"
         )
-        marks = ",".join(m for m, on in (("latest", c.step == latest), ("best", c.step in best)) if on)
+        torn = c.recorded_size is not None and c.size is not None and c.size != c.recorded_size
+        marks = ",".join(
+            m for m, on in (("latest", c.step == latest), ("best", c.step in best), ("SIZE-CHANGED", torn)) if on
+        )
         rows.append((str(c.step), when, _human(c.size), metrics, marks or "-"))
+        if torn:
+            changed.append(f"{c.path}: {c.size} bytes on disk, {c.recorded_size} when saved")
     print(
         f"{directory}: {len(ckpts)} checkpoint(s)"
         + (f", best by {doc.get('best_metric')} ({doc.get('best_mode')})" if doc.get("best_metric") else "")
     )
     _table(rows)
+    for line in changed:
+        print(
+            f"warning: {line}: truncated or rewritten since; `ckptkit verify {os.path.dirname(directory)}` "
+            "reads it (a resume falls back past a checkpoint it cannot read)",
+            file=sys.stderr,
+        )
     aside = checkpoint_files.unreadable_sets(directory)
     if aside:
         size = sum(checkpoint_files.tree_size(p) for p in aside)
@@ -179,6 +191,7 @@ def cmd_export(args) -> int:
         handler.setFormatter(logging.Formatter("ckptkit: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # a root handler (absl's, the trainer's module's) would print it twice
     here = os.getcwd()
     if record.get("cwd") and os.path.isdir(record["cwd"]):
         os.chdir(record["cwd"])  # the user's relative data paths mean what they meant then
@@ -510,5 +523,56 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+#: TensorFlow's C++ start-up lines, which its TF_CPP_MIN_LOG_LEVEL does not reach (absl
+#: logs them before it is initialized): INFO and WARNING lines, a CPU feature note, and the
+#: CUDA probe's error on a machine without a GPU. Other C++ errors still show.
+_START_UP_NOISE = re.compile(
+    rb"^(WARNING: All log messages before absl::InitializeLog\(\)"
+    rb"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\]"
+    rb"|E\d{4} [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit"
+    rb"|To enable the following instructions:)"
+)
+
+
+def _quiet_tensorflow_start_up() -> None:
+    """Pass this process's stderr (file descriptor 2, which TensorFlow's C++ code writes to)
+    through a thread that drops :data:`_START_UP_NOISE`, until the process exits."""
+    import atexit
+    import threading
+
+    try:
+        saved = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+    except OSError:
+        return
+
+    def pump() -> None:
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                if not _START_UP_NOISE.match(line):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=pump, daemon=True, name="ckptkit-stderr")
+    thread.start()
+
+    def restore() -> None:
+        try:
+            sys.stderr.flush()
+            os.dup2(saved, 2)  # the pipe's last write end closes: the pump reads to the end
+        except (OSError, ValueError):
+            return
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+
+
+def console_main() -> int:
+    """The ``ckptkit`` command: :func:`main`, with TensorFlow's start-up lines hidden."""
+    _quiet_tensorflow_start_up()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -24,8 +24,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.errors import CompactHydraException
 from omegaconf import BooleanNode, DictConfig, EnumNode, FloatNode, IntegerNode, OmegaConf, StringNode, ValueNode
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from ckptkit import gfile
 from ckptkit.errors import ConfigError
@@ -230,6 +231,26 @@ def group_schemas() -> dict[str, Any]:
     }
 
 
+#: Keys that do not name a sweep job's directory: changing them (train longer, say) resumes
+#: the same jobs.
+SWEEP_EXCLUDE_KEYS = ["trainer.max_steps", "trainer.progress", "trainer.log_every_steps", "checkpoint.resume"]
+
+#: Hydra's settings that come with ``trainer: default`` (a project's own ``hydra:`` block,
+#: after it in the defaults list, wins): Hydra's files go into the run directory (for an
+#: object store's ``run_dir``, under ``outputs/``), a sweep's job ``j`` runs in
+#: ``<run_dir>/<its overrides>`` without the keys above, and a signal to a sweep whose jobs
+#: run in other processes stops every job (``StopJobsOnSignal``).
+HYDRA_DEFAULTS = {
+    "run": {"dir": "${ckptkit.hydra_dir:${oc.select:run_dir,runs/${name}}}"},
+    "sweep": {
+        "dir": "${ckptkit.hydra_dir:${oc.select:run_dir,runs/${name}}}",
+        "subdir": "${hydra.job.override_dirname}",
+    },
+    "job": {"config": {"override_dirname": {"exclude_keys": SWEEP_EXCLUDE_KEYS}}},
+    "callbacks": {"stop_jobs": {"_target_": "ckptkit.hydra_callbacks.StopJobsOnSignal"}},
+}
+
+
 def register_configs() -> None:
     """Register ``<group>/schema`` and ``<group>/default`` for each owned group in Hydra's
     ConfigStore: a project outside this repository lists ``trainer: default`` (and so on)
@@ -241,7 +262,16 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for group, node in group_schemas().items():
         cs.store(group=group, name="schema", node=node, provider="ckptkit")
-        cs.store(group=group, name="default", node=node, provider="ckptkit")
+        if group == "trainer":  # with Hydra's settings that every ckptkit project wants
+            cs.store(
+                group=group,
+                name="default",
+                node={"trainer": node, "hydra": HYDRA_DEFAULTS},
+                package="_global_",
+                provider="ckptkit",
+            )
+        else:
+            cs.store(group=group, name="default", node=node, provider="ckptkit")
 
 
 def to_dict(node: DictConfig, **options: Any) -> dict[str, Any]:
@@ -397,9 +427,15 @@ def load_config(cfg: Mapping[str, Any] | DictConfig) -> tuple[RunConfig, DictCon
         OmegaConf.resolve(full)
     except OmegaConfBaseException as exc:
         raise _config_error(exc) from None
+    for key in ("run_dir", "checkpoint.dir", "export.dir", "checkpoint.init_from.path"):
+        value = OmegaConf.select(full, key)
+        if isinstance(value, str) and value.startswith("file:"):
+            OmegaConf.update(full, key, file_url_path(key, value))
     if launched_in:  # paths given relative are relative to where the command was typed
         full.checkpoint.dir = anchored(launched_in, str(full.checkpoint.dir))
         full.export.dir = anchored(launched_in, str(full.export.dir))
+    if gfile.is_local(str(full.run_dir)):
+        refuse_file_as_run_dir(str(full.run_dir))
     _warn_if_hydra_writes_elsewhere(str(full.run_dir))
     export = to_dict(full.export, enum_to_str=True)
     export["from_"] = export.pop("from")
@@ -419,13 +455,40 @@ def load_config(cfg: Mapping[str, Any] | DictConfig) -> tuple[RunConfig, DictCon
     return run, full
 
 
+class _RunDirError(InterpolationResolutionError, CompactHydraException):
+    """A refusal raised while Hydra resolves ``hydra.run.dir``: OmegaConf passes its own
+    interpolation errors through unwrapped, and Hydra prints a compact one without a traceback."""
+
+
+def refuse_file_as_run_dir(run_dir: str) -> None:
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError("run_dir", f"is {run_dir}, which is a file: give run_dir a directory's path")
+
+
+def file_url_path(key: str, url: str) -> str:
+    """The local path of a ``file://`` URL (TensorFlow's filesystems read it as that path; as
+    a path ckptkit's local-disk safety applies: no following links, atomic renames, flock)."""
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+        raise ConfigError(key, f"is {url}: a file URL must name an absolute local path, e.g. file:///data/runs/x")
+    return urllib.parse.unquote(parsed.path)
+
+
 def hydra_dir(run_dir: str) -> str:
     """Where Hydra's own files of a run go (``hydra.run.dir: ${ckptkit.hydra_dir:${run_dir}}``):
     the run directory itself, or for a ``run_dir`` on an object store (``gs://bucket/runs/x``),
     which Hydra can only write as a local path, ``outputs/gs/bucket/runs/x`` under the launch
     directory (Hydra's own default root), instead of ``./gs:/bucket/...``."""
     run_dir = str(run_dir)
+    if run_dir.startswith("file:"):
+        run_dir = file_url_path("run_dir", run_dir)
     if gfile.is_local(run_dir):
+        try:
+            refuse_file_as_run_dir(run_dir)
+        except ConfigError as exc:  # raised inside an interpolation: see _RunDirError
+            raise _RunDirError(str(exc)) from None
         return run_dir
     scheme, _, rest = run_dir.partition("://")
     return os.path.join("outputs", scheme, rest.strip("/"))

@@ -223,7 +223,7 @@ class Controller:
     def check_window(self, step: int) -> loop_lib.Window:
         """Read the train steps since the last log line; one whose metrics were not finite
         stops the run (``trainer.on_nonfinite=stop``), else is reported once (``warn``)."""
-        w = self.tr._train_fn.window.read()
+        w = self.tr._train_window.read()
         if not w.bad_steps or self._bad_reported == (w.first_bad, w.bad_steps):
             return w
         where = f"step {w.first_bad}" + (
@@ -374,7 +374,7 @@ class Controller:
         tr._summaries.scalars("train", step, {**w.means, "steps_per_sec": rate, "nonfinite_steps": w.bad_steps})
         log.info("step %d/%d  %s  (%.0f steps/s)", step, self.s.trainer.max_steps, fmt(w.means), rate)
         st.log_start, st.log_start_step = time.time(), step
-        tr._train_fn.window.reset()
+        tr._train_window.reset()
         self._bad_reported = None
 
     def _finish(self, st: LoopState, eval_ds) -> None:

@@ -347,7 +347,7 @@ def decide(policy: str, info: Any, current: DataRecord) -> bool:
         )
         raise DataPipelineError(
             f"the training data {'pipeline ' if pipeline else ''}changed since checkpoint {info.path} "
-            f"(step {info.step}) was saved: {what}. Nothing was trained. {fix}"
+            f"(step {info.step}) was saved; nothing was trained. {fix}\n  " + "\n  ".join(pipeline + content)
         )
     log.warning(
         "the training data changed since %s (step %d) was saved: %s. Continuing from step %d with the "

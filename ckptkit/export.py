@@ -186,11 +186,7 @@ def named_signatures(signatures: Mapping[str, Signature], *, cast_outputs_float3
                 f"signature {name!r} must be a tf.function with an input_signature, e.g. "
                 "tf.function(f, input_signature=[tf.TensorSpec([None, 64], tf.float32)])"
             )
-        args = _argument_names(fn)
-        specs = [
-            tf.TensorSpec(spec.shape, spec.dtype, name=spec.name or (args[i] if i < len(args) else f"input_{i}"))
-            for i, spec in enumerate(fn.input_signature)
-        ]
+        specs = _flat_inputs(name, fn)
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
             raise ExportError(f"signature {name!r} has inputs with the same name: {names}")
@@ -214,8 +210,42 @@ def named_signatures(signatures: Mapping[str, Signature], *, cast_outputs_float3
                     key,
                     dtype.name,
                 )
-        out[name] = tf.function(_served(fn, cast_outputs_float32), input_signature=specs)
+        out[name] = tf.function(_served(fn, cast_outputs_float32, fn.input_signature), input_signature=specs)
     return out
+
+
+def _flat_inputs(signature: str, fn) -> list[tf.TensorSpec]:
+    """The signature's inputs as one flat list of named TensorSpecs, as TensorFlow Serving
+    sees them: a dict argument (``[{"age": spec, "income": spec}]``) gives one input per key,
+    a tuple or list one per element (``<argument>_<i>``); a plain spec is named by its own
+    name, else the Python argument's."""
+    args = _argument_names(fn)
+    specs = []
+    for i, arg in enumerate(fn.input_signature):
+        base = args[i] if i < len(args) else f"input_{i}"
+        for path, spec in _leaves(arg, ()):
+            if not isinstance(spec, tf.TensorSpec):
+                raise ExportError(
+                    f"signature {signature!r}: input {base}{''.join(f'[{p!r}]' for p in path)} is a "
+                    f"{type(spec).__name__}; serving signatures take dense tensors (tf.TensorSpec)"
+                )
+            if not path:
+                label = spec.name or base
+            elif isinstance(arg, Mapping):
+                label = "/".join(str(p) for p in path)
+            else:
+                label = f"{base}_{'_'.join(map(str, path))}"
+            specs.append(tf.TensorSpec(spec.shape, spec.dtype, name=label))
+    return specs
+
+
+def _leaves(node, path: tuple) -> list[tuple[tuple, Any]]:
+    """(path, leaf) of a nested input signature, in ``tf.nest`` order (dicts by sorted key)."""
+    if isinstance(node, Mapping):
+        return [leaf for key in sorted(node) for leaf in _leaves(node[key], (*path, key))]
+    if isinstance(node, (tuple, list)):
+        return [leaf for i, item in enumerate(node) for leaf in _leaves(item, (*path, i))]
+    return [(path, node)]
 
 
 def _output_dict(result) -> dict[str, Any]:
@@ -226,8 +256,9 @@ def _output_dict(result) -> dict[str, Any]:
     return {"output": result}
 
 
-def _served(fn: Callable, cast: bool) -> Callable:
-    def served(*args):
+def _served(fn: Callable, cast: bool, structure: Any) -> Callable:
+    def served(*flat):
+        args = tf.nest.pack_sequence_as(list(structure), list(flat))
         outputs = _output_dict(fn(*args))
         if cast:
             outputs = {k: tf.cast(v, tf.float32) if v.dtype in LOW_PRECISION else v for k, v in outputs.items()}
@@ -442,6 +473,11 @@ def serve_with_session_loader(path: str, feeds, io_dir: str, label: str | None =
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1")  # the CPU: the GPU is this process's
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     command = [sys.executable, serving_check.__file__, _absolute(path), _absolute(io_dir)]
+    log.info(
+        "export check: serving %s with TensorFlow's session loader in a fresh process (TensorFlow Serving's "
+        "loader; it starts TensorFlow, about as long as an import)",
+        label,
+    )
     try:
         # A session of its own: a Ctrl-C at the terminal reaches this process, which stops
         # the export (the check process is then killed), not the check with an error.

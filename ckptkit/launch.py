@@ -21,7 +21,7 @@ from typing import Any
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-from ckptkit import checkpoint_files, distribute, launch_record, metadata, runinfo, storage, workers
+from ckptkit import checkpoint_files, distribute, launch_record, metadata, moving_in, runinfo, storage, workers
 from ckptkit import export as export_lib
 from ckptkit.claims import RunClaims, refuse_if_sweep_stopping
 from ckptkit.config import to_dict
@@ -210,6 +210,7 @@ class Launch:
         self._precheck()
         tr.build()
         if tr.is_chief:
+            tr._plain_manager = moving_in.written_by_plain_manager(s.checkpoint.dir)  # before the claim marks it
             claim_checkpoint_dir(s.checkpoint.dir, tr.run_dir)
             tr.checkpointer.remove_leftovers()
             tr.checkpointer.agree_state_file()

@@ -303,6 +303,7 @@ def scan(directory: str, *, doc: dict | None = None) -> list[CheckpointInfo]:
                 uid=entry.uid,
                 layer_names=entry.layer_names,
                 data=entry.data,
+                recorded_size=entry.size,
             )
         )
     return found
@@ -360,7 +361,7 @@ def write_metadata(
                 "time": c.time,
                 "save_seconds": c.save_seconds,
                 "blocking_seconds": c.blocking_seconds,
-                "size": c.size,
+                "size": c.recorded_size if c.recorded_size is not None else c.size,  # as saved
                 "uid": c.uid,
                 **({"layer_names": dict(c.layer_names)} if c.layer_names else {}),
                 **({"data": dict(c.data)} if c.data else {}),

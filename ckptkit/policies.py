@@ -32,6 +32,7 @@ class CheckpointInfo:
     layer_names: Mapping[str, str] | None = None
     # what the checkpoint recorded of the training data (ckptkit.data_position.DataRecord)
     data: Mapping[str, Any] | None = None
+    recorded_size: int | None = None  # the size metadata.json recorded at save time (size: on disk now)
 
 
 @dataclass(frozen=True)

@@ -163,21 +163,29 @@ def stop_exception(signum: int | None, step: int, path: str | None, **kw) -> Pre
     return Preempted(signum, step, path, **kw)
 
 
+#: What a second Ctrl-C says, whatever was in flight: the last line of the run's output.
+SECOND_CTRL_C = (
+    "second Ctrl-C: exiting at once (status 130); the next launch resumes from the newest complete "
+    "checkpoint, and a save this cut short never counts"
+)
+
+
 def _exit_interrupted() -> None:
-    """Exit at once with 130, leaving the terminal usable (a live bar hides the cursor)."""
+    """Exit at once with 130, saying so in the last line (nothing ckptkit logs after it:
+    a save finishing in another thread meanwhile would contradict it), leaving the terminal
+    usable (a live bar hides the cursor)."""
     import sys
 
+    log.disabled = True
     try:
-        if sys.stderr.isatty():
-            sys.stderr.write("\x1b[?25h\n")
-            sys.stderr.flush()
+        sys.stderr.write(("\x1b[?25h\n" if sys.stderr.isatty() else "") + SECOND_CTRL_C + "\n")
+        sys.stderr.flush()
     except (OSError, ValueError):
         pass
     os._exit(EXIT_INTERRUPTED)
 
 
 def _second_ctrl_c(_signum, _frame) -> None:
-    log.error("second Ctrl-C: exiting now")
     _exit_interrupted()
 
 
@@ -224,7 +232,6 @@ class PreemptionWatch:
         if signum == signal.SIGINT:
             self._sigints += 1
             if self._sigints >= 2:
-                log.error("second Ctrl-C: exiting now without saving")
                 _exit_interrupted()
         self._request(signum)
 

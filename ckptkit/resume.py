@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ckptkit import storage
+from ckptkit import moving_in, storage
 from ckptkit.checkpointer import Checkpointer
 from ckptkit.config import to_dict
 from ckptkit.errors import (
@@ -28,12 +28,20 @@ from ckptkit.errors import (
 )
 from ckptkit.ownership import claim_checkpoint_dir
 from ckptkit.policies import CheckpointInfo
-from ckptkit.runinfo import RUN_FILE, read_run_record
+from ckptkit.runinfo import RUN_FILE, read_run_record, trainer_location
 from ckptkit.transfer import RestoreReport, restore_optimizer, restore_partial
 
 log = logging.getLogger("ckptkit")
 
 Change = tuple[str, Any, Any]
+_START_OVER = (
+    "To start over in this run directory, set checkpoint.resume=never (the old checkpoints are moved aside, "
+    "never deleted)."
+)
+_ELSEWHERE = (
+    "Give this launch its own run_dir, or set checkpoint.resume=never to start over here (the old "
+    "checkpoints are moved aside, never deleted)."
+)
 _MISSING = "<absent>"
 
 
@@ -56,11 +64,44 @@ def config_changes(old: Mapping, new: Mapping) -> list[Change]:
     ]
 
 
-def format_changes(changes: list[Change]) -> str:
-    return "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes)
+def format_changes(changes: list[Change], most: int | None = None) -> str:
+    shown = changes if most is None else changes[:most]
+    more = f"; and {len(changes) - len(shown)} more (logged above)" if len(shown) < len(changes) else ""
+    return "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in shown) + more
 
 
-def restore_newest_readable(checkpointer: Checkpointer, changes: list[Change] | None = None) -> CheckpointInfo | None:
+def other_trainer(tr: Any) -> str | None:
+    """Says so when the run directory was made by another trainer class or script than this
+    launch's (its record names them): the cause to name first in any refusal to resume."""
+    try:
+        made_by = read_run_record(tr.run_dir).get("trainer") or {}
+    except Exception:  # noqa: BLE001 - no record: nothing to compare
+        return None
+    mine = trainer_location(type(tr))
+
+    def where(w: Mapping) -> str:
+        return f"{w.get('qualname')} from {w.get('file') or w.get('module')}"
+
+    same_file = not (made_by.get("file") and mine.get("file")) or os.path.realpath(made_by["file"]) == os.path.realpath(
+        mine["file"]
+    )
+    if made_by.get("qualname") == mine.get("qualname") and same_file:
+        return None
+    return f"this run directory was made by {where(made_by)}; this launch runs {where(mine)}"
+
+
+def _refusal(cause: str | None, exc: Exception, changes: list[Change] | None, fix: str) -> str:
+    """A refusal to resume: the cause in the first line (the other trainer, else what does not
+    fit), the detail on the lines after it, the config's changes last (the first few)."""
+    lines = [f"{cause}. {fix}", str(exc)] if cause else [f"{exc}" + (f" {fix}" if fix else "")]
+    if changes:
+        lines.append(f"  the config changed since this run's checkpoints were written: {format_changes(changes, 6)}")
+    return "\n".join(lines)
+
+
+def restore_newest_readable(
+    checkpointer: Checkpointer, changes: list[Change] | None = None, cause: str | None = None
+) -> CheckpointInfo | None:
     """Restore the newest checkpoint that can be read; None if there is no checkpoint.
 
     Raises CheckpointUnreadableError when checkpoints exist but none can be read, and
@@ -78,21 +119,11 @@ def restore_newest_readable(checkpointer: Checkpointer, changes: list[Change] | 
             unreadable.append(info)
             continue
         except DataPipelineError as exc:
-            if changes:
-                raise DataPipelineError(
-                    f"{exc} The config changed since this run's checkpoints were written: {format_changes(changes)}."
-                ) from exc
+            if changes or cause:
+                raise DataPipelineError(_refusal(cause, exc, changes, _ELSEWHERE if cause else "")) from exc
             raise
         except CheckpointMismatchError as exc:
-            hint = (
-                f" The config changed since this run's checkpoints were written: {format_changes(changes)}."
-                if changes
-                else ""
-            )
-            raise CheckpointMismatchError(
-                f"{exc}.{hint} To start over in this run directory, set "
-                "checkpoint.resume=never (the old checkpoints are moved aside, never deleted)."
-            ) from exc
+            raise CheckpointMismatchError(_refusal(cause, exc, changes, _ELSEWHERE if cause else _START_OVER)) from exc
         if failures:
             log.warning(
                 "resumed from %s, the newest readable checkpoint (%d newer one(s) unreadable)", info.path, len(failures)
@@ -161,12 +192,15 @@ def resume_or_warm_start(tr: Any) -> tuple[int | None, RestoreReport | None]:
     """Restore the run's newest readable checkpoint (``checkpoint.resume``), else warm-start
     from ``checkpoint.init_from``; returns (the step resumed from, the warm-start report)."""
     c = tr.settings.checkpoint
+    plain = getattr(tr, "_plain_manager", None)
+    if plain and c.resume != "never":
+        return None, moving_in.adopt(tr, plain)
     if c.resume == "never" and tr.distribution.agree(bool(tr.checkpointer.checkpoints)):
         _start_over(tr)
     ckpt = tr.checkpointer
     if ckpt.checkpoints and c.resume != "never":
         changes = run_config_changes(tr)
-        info = restore_newest_readable(ckpt, changes)
+        info = restore_newest_readable(ckpt, changes, other_trainer(tr))
         assert info is not None  # None only when there is no checkpoint at all
         log.info("resumed from %s at step %d", info.path, int(tr.global_step.numpy()))
         if c.init_from.path:

@@ -60,6 +60,30 @@ log = logging.getLogger("ckptkit")
 REQUIRED_HOOKS = ("build_model", "build_optimizer", "train_dataset", "train_step")
 
 
+def default_serving_spec(features):
+    """The input signature of the default ``serving_default`` for a batch's features: one
+    tensor (``inputs``), or a dict of tensors (one named input per key), any batch size.
+    Anything else (sparse or ragged features, nested structures) is refused with the fix."""
+
+    def unbatched(spec, name):
+        return tf.TensorSpec([None] + spec.shape.as_list()[1:], spec.dtype, name=name)
+
+    if isinstance(features, tf.TensorSpec) and features.shape.rank:
+        return unbatched(features, "inputs")
+    if (
+        isinstance(features, Mapping)
+        and features
+        and all(isinstance(s, tf.TensorSpec) and s.shape.rank for s in features.values())
+    ):
+        return {str(k): unbatched(s, str(k)) for k, s in features.items()}
+    raise ExportError(
+        f"the training batches' features are {features}, which the default serving signature cannot take "
+        "(it takes one batched tensor or a dict of them): override serving_signatures(), e.g. "
+        "{'serving_default': tf.function(serve, input_signature=[{'age': tf.TensorSpec([None], tf.float32)}])}, "
+        "or set export.enabled=false"
+    )
+
+
 def check_overrides(trainer: Trainer) -> None:
     """Name every required hook the trainer's class does not override, in one line, before
     anything is built or traced."""
@@ -97,6 +121,7 @@ class Trainer:
     _train_ds: tf.data.Dataset
     _iterator: Any
     _train_fn: Callable[[int], dict[str, Any]]
+    _train_window: loop_lib.TrainWindow  # the train loop's window (means, non-finite steps)
     _finite: loop_lib.FiniteCheck
     _data_record: data_position.DataRecord
 
@@ -164,15 +189,10 @@ class Trainer:
         """Functions the exported SavedModel serves, by signature name.
 
         The default serves the model's call on the training data's features:
-        ``serving_default(inputs) -> {"outputs": model(inputs)}``.
+        ``serving_default(inputs) -> {"outputs": model(inputs)}``; features that are a dict
+        of tensors are served as one named input per key.
         """
-        spec = _features(self._train_ds.element_spec)
-        if not isinstance(spec, tf.TensorSpec):
-            raise ExportError(
-                "the training batches' features are not a single tensor "
-                f"({spec}); override serving_signatures() to say what to export"
-            )
-        spec = tf.TensorSpec([None] + spec.shape.as_list()[1:], spec.dtype, name="inputs")
+        spec = default_serving_spec(_features(self._train_ds.element_spec))
         model = self.model
         call_kwargs = {"training": False} if isinstance(model, tf.keras.Model) else {}
 
@@ -206,6 +226,8 @@ class Trainer:
             self.model = self.build_model()
             self.optimizer = self.build_optimizer()
         self._build_data()
+        if s.export.enabled and type(self).serving_signatures is Trainer.serving_signatures:
+            default_serving_spec(_features(self._train_ds.element_spec))  # refused now, not after training
         dist = self.distribution
         if dist.distributed:
             dist.create_variables(
@@ -224,6 +246,7 @@ class Trainer:
             self.train_step, self.global_step, self._iterator, self.watch.flag, dist if dist.distributed else None
         )
         self._train_fn.trace(s.trainer.steps_per_loop)
+        self._train_window = self._train_fn.window
         self._finite = loop_lib.FiniteCheck([*self.model.variables, *self.optimizer.variables])
         self._finite.trace()
         hidden = unreachable_variables(self.model)

@@ -225,3 +225,15 @@ def test_an_old_record_holding_a_typo_names_the_file(tmp_path, capsys):
     message = capsys.readouterr().err
     assert "config key `trainer.max_step`: unknown key; did you mean trainer.max_steps?" in message
     assert f"in the run record {run}/ckptkit_run.yaml" in message and "correct or delete that line" in message
+
+
+def test_a_file_url_run_dir_trains_exports_and_resumes(tmp_path):
+    """`run_dir=file:///...` (issue 31): the local path, with every local-disk guarantee."""
+    url = f"file://{tmp_path}/run"
+    first = ToyTrainer(make_cfg(url, **{"trainer.max_steps": 10, "export.enabled": True, "export.verify": False}))
+    assert first.run_dir == str(tmp_path / "run")
+    result = first.fit()
+    assert result.export_path == str(tmp_path / "run" / "export" / "1")
+    assert ToyTrainer(make_cfg(url, **{"trainer.max_steps": 20})).fit().resumed_from == 10
+    with pytest.raises(ckptkit.ConfigError, match="a file URL must name an absolute local path"):
+        ToyTrainer(make_cfg("file://otherhost/runs/x"))

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from conftest import ToyTrainer, make_cfg
@@ -108,3 +109,29 @@ def test_stop_exceptions_and_config_errors_cross_processes():
     assert pickle.loads(pickle.dumps(Interrupted(signal.SIGINT, 3, "r"))).step == 3
     err = pickle.loads(pickle.dumps(ckptkit.ConfigError("trainer.max_steps", "is bad")))
     assert err.key == "trainer.max_steps" and str(err) == "config key `trainer.max_steps`: is bad"
+
+
+@pytest.mark.slow
+def test_a_double_ctrl_c_during_a_save_says_one_thing_last(tmp_path):
+    """Ctrl-C, then Ctrl-C again while the last save is being written (issue 31): the run exits
+    130 at once, and its last line says so; no 'saved' line after it contradicts it."""
+    from procs import ENV as TOY_ENV
+    from procs import start
+
+    from ckptkit.preemption import SECOND_CTRL_C
+
+    args = ["trainer.max_steps=10", "trainer.eval_every_steps=null", "checkpoint.save_every_steps=5"]
+    proc = start(tmp_path, *args, env=dict(TOY_ENV, TOY_PAUSE="final_save:5"))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("PAUSE final_save"):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(lines) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, out[-3000:]
+    said = [line for line in out.splitlines() if line.strip()]
+    assert said[-1] == SECOND_CTRL_C, out[-3000:]
+    assert "Traceback" not in out

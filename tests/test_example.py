@@ -328,3 +328,102 @@ def test_sigterm_to_a_joblib_sweep_stops_every_job_and_starts_no_queued_one(tmp_
     assert code == 0, out[-3000:]
     jobs = sorted(p for p in (tmp_path / "runs" / "digits").iterdir() if p.is_dir() and "optim.lr" in p.name)
     assert len(jobs) == 3 and all(steps_on_disk(j / "checkpoints")[-1] == target for j in jobs)
+
+
+@pytest.mark.slow
+def test_a_sweep_of_the_own_project_resumes_every_job_with_more_steps(tmp_path):
+    """The README's own project, unchanged: ckptkit's Hydra defaults (from `trainer: default`)
+    give each sweep job its directory and leave trainer.max_steps out of its name, so the
+    same sweep with more steps resumes both jobs (issue 31)."""
+    (tmp_path / "config.yaml").write_text(_readme_block("# Your own project", "yaml"))
+    (tmp_path / "train.py").write_text(_readme_block("`train.py`, next to it:", "python"))
+
+    def sweep(steps):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "train.py",
+                "-m",
+                "optim.lr=0.01,0.02",
+                f"trainer.max_steps={steps}",
+                "export.enabled=false",
+            ],
+            cwd=tmp_path,
+            env=dict(os.environ, HYDRA_FULL_ERROR="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        return proc.stdout
+
+    sweep(20)
+    out = sweep(40)
+    for lr in ("0.01", "0.02"):
+        job = tmp_path / "runs" / "my-model" / f"export.enabled=False,optim.lr={lr}"
+        assert steps_on_disk(job / "checkpoints")[-1] == 40 and (job / ".hydra" / "config.yaml").exists()
+    assert out.count("resumed from") == 2 and out.count("at step 20") >= 2, out[-3000:]
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_run_dir_that_is_a_file_is_one_message(tmp_path):
+    (tmp_path / "config.yaml").write_text(_readme_block("# Your own project", "yaml"))
+    (tmp_path / "train.py").write_text(_readme_block("`train.py`, next to it:", "python"))
+    proc = subprocess.run(
+        [sys.executable, "train.py", "run_dir=train.py"],
+        cwd=tmp_path,
+        env=dict(os.environ, HYDRA_FULL_ERROR="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert "config key `run_dir`: is train.py, which is a file: give run_dir a directory's path" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_cli_hides_tensorflows_start_up_lines_and_logs_each_line_once(tmp_path):
+    """`ckptkit ls/inspect/verify/export` with TF_CPP_MIN_LOG_LEVEL=2 (issue 31): none of
+    TensorFlow's C++ start-up lines, each log line once, and the export check announced."""
+    from conftest import ToyTrainer, make_cfg
+
+    run = tmp_path / "run"
+    ToyTrainer(make_cfg(run, **{"trainer.max_steps": 5})).fit()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    outputs = {}
+    for command in (["ls", str(run)], ["inspect", str(run)], ["verify", str(run)], ["export", str(run)]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ckptkit.cli", *command],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        noise = [line for line in proc.stdout.splitlines() if line.startswith(("I0000", "W0000", "WARNING: All log"))]
+        assert not noise and "cuInit" not in proc.stdout, proc.stdout[-3000:]
+        outputs[command[0]] = proc.stdout
+    export = outputs["export"]
+    assert export.count("exported SavedModel version 1") == 1, export
+    assert "export check: serving" in export and "with TensorFlow's session loader in a fresh process" in export
+
+
+def test_ls_marks_a_checkpoint_whose_size_changed_since_it_was_saved(tmp_path, capsys):
+    from conftest import ToyTrainer, make_cfg
+
+    run = tmp_path / "run"
+    ToyTrainer(make_cfg(run, **{"trainer.max_steps": 10, "checkpoint.save_every_steps": 5})).fit()
+    data = run / "checkpoints" / "ckpt-10.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:-100])  # a truncated newest checkpoint
+    assert cli.main(["ls", str(run)]) == 0
+    out, err = capsys.readouterr()
+    row = next(line for line in out.splitlines() if line.startswith("10 "))
+    assert "latest,SIZE-CHANGED" in row
+    assert next(line for line in out.splitlines() if line.startswith("5 ")).endswith("-")
+    assert f"warning: {run / 'checkpoints' / 'ckpt-10'}: " in err and "bytes on disk" in err and "when saved" in err

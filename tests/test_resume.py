@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import ToyTrainer, make_cfg
+from conftest import ToyTrainer, make_cfg, steps_on_disk
 from procs import ENV, TOY_RUN, result_of, run, start, wait_for_line
 
 import ckptkit
@@ -308,3 +308,58 @@ def test_submitit_local_executor_requeues_after_the_save(tmp_path, monkeypatch):
     saved = [c.step for c in metadata.scan(os.path.join(run_dir, "checkpoints"))]
     assert result["step"] == 300 and 0 < result["resumed_from"] < 300, result
     assert result["resumed_from"] in saved
+
+
+def _plain_manager_run(run, by_step, steps=7, **overrides):
+    """A project before ckptkit: its model and optimizer trained `steps` steps, saved with a
+    plain tf.train.CheckpointManager into <run>/checkpoints, numbered by step or by save."""
+    import tensorflow as tf
+
+    before = ToyTrainer(make_cfg(run, **overrides))
+    before.build()
+    before._train_fn(steps)
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=before.model, optimizer=before.optimizer), str(run / "checkpoints"), max_to_keep=3
+    )
+    return manager.save(checkpoint_number=steps if by_step else None)
+
+
+@pytest.mark.parametrize("by_step", [True, False], ids=["numbered_by_step", "numbered_by_save"])
+def test_a_plain_checkpoint_manager_directory_is_adopted(tmp_path, caplog, by_step):
+    import tensorflow as tf
+
+    run = tmp_path / "run"
+    plain = _plain_manager_run(run, by_step)
+    assert plain.endswith("ckpt-7" if by_step else "ckpt-1")
+    with caplog.at_level("WARNING", logger="ckptkit"):
+        result = ToyTrainer(make_cfg(run, **{"trainer.max_steps": 12, "checkpoint.save_every_steps": 100})).fit()
+    assert result.resumed_from is None and result.warm_start is not None and result.step == 12
+    assert "was written by a plain tf.train.CheckpointManager: adopted" in caplog.text
+    assert "step 7, the optimizer's iteration count" in caplog.text and "start fresh" in caplog.text
+    assert steps_on_disk(run / "checkpoints") == [7, 12]
+    aside = [p for p in tmp_path.joinpath("run").iterdir() if p.name.startswith("checkpoints-checkpointmanager-")]
+    assert len(aside) == 1 and (aside[0] / os.path.basename(plain)).with_suffix(".index").exists()
+    # The adopted checkpoint holds the plain one's model and optimizer, bit for bit.
+    old = tf.train.load_checkpoint(str(aside[0] / os.path.basename(plain)))
+    new = tf.train.load_checkpoint(str(run / "checkpoints" / "ckpt-7"))
+    shared = [k for k in old.get_variable_to_shape_map() if k.startswith(("model/", "optimizer/"))]
+    assert len(shared) > 4
+    for key in shared:
+        assert (old.get_tensor(key) == new.get_tensor(key)).all(), key
+    assert ToyTrainer(make_cfg(run, **{"trainer.max_steps": 12})).fit().resumed_from == 12
+
+
+def test_a_plain_checkpoint_manager_directory_that_does_not_fit_is_refused_with_the_command(tmp_path):
+    run = tmp_path / "run"
+    _plain_manager_run(run, True, **{"model.hidden": 16})
+    before = sorted(os.listdir(run / "checkpoints"))
+    with pytest.raises(ckptkit.CheckpointMismatchError) as err:
+        ToyTrainer(make_cfg(run, **{"trainer.max_steps": 12})).fit()
+    message = str(err.value)
+    first = message.splitlines()[0]
+    assert first.startswith(f"{run / 'checkpoints'} was written by a plain tf.train.CheckpointManager")
+    assert "Nothing was moved" in message and "checkpoint.init_from.path=" in message
+    assert "checkpoint.init_from.optimizer=true" in message and "mv " in message
+    assert sorted(n for n in os.listdir(run / "checkpoints") if n.startswith("ckpt-")) == [
+        n for n in before if n.startswith("ckpt-")
+    ]

@@ -760,3 +760,94 @@ def test_max_steps_0_converts_a_tf1_checkpoint_into_a_checked_savedmodel(tmp_pat
     again = KindTrainer(cfg).fit()  # the same command: finished, nothing new
     assert again.step == 0 and again.export_path == result.export_path
     assert export_lib.versions(str(tmp_path / "run" / "export")) == [1]
+
+
+class TabularTrainer(ckptkit.Trainer):
+    """Features as a dict, as tabular pipelines give them ({"age": ..., "income": ...})."""
+
+    def build_model(self):
+        age, income = keras.Input((1,), name="age"), keras.Input((1,), name="income")
+        x = keras.layers.Concatenate()([age, income])
+        return keras.Model({"age": age, "income": income}, keras.layers.Dense(2, name="head")(x))
+
+    def build_optimizer(self):
+        return keras.optimizers.SGD(0.05)
+
+    def train_dataset(self):
+        rng = np.random.default_rng(0)
+        features = {k: rng.normal(size=(32, 1)).astype("float32") for k in ("age", "income")}
+        if self.cfg.data.nested:
+            features = (features["age"], features["income"])  # a tuple: no default signature
+        y = (np.arange(32) % 2).astype("int32")
+        return tf.data.Dataset.from_tensor_slices((features, y)).batch(8, drop_remainder=True)
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            logits = self.model(x if isinstance(x, dict) else {"age": x[0], "income": x[1]}, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        variables = self.model.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+        return {"loss": loss}
+
+
+class CustomTabularTrainer(TabularTrainer):
+    def serving_signatures(self):
+        spec = {"age": tf.TensorSpec([None, 1], tf.float32), "income": tf.TensorSpec([None, 1], tf.float32)}
+
+        @tf.function(input_signature=[spec])
+        def score(inputs):
+            return {"score": tf.nn.softmax(self.model(inputs, training=False))}
+
+        return {"serving_default": score}
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["default", "dict_input_signature"])
+def test_dict_features_export_and_serve(tmp_path, custom):
+    """A dict input_signature (which tf.saved_model.save serves as named inputs), and the
+    default signature over dict features, export, pass the session-loader check and run
+    in saved_model_cli with one input per key (issue 31)."""
+    cfg = make_cfg(tmp_path / "run", **{"trainer.max_steps": 4, "export.enabled": True, "data.nested": False})
+    result = (CustomTabularTrainer if custom else TabularTrainer)(cfg).fit()
+    path = result.export_path
+    assert path and export_lib.read_export_info(path)["check"]["batches"]["serving_default"] == "the sample batch"
+    commands = [
+        [
+            "run",
+            "--dir",
+            path,
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--input_exprs",
+            "age=[[30.0],[40.0]];income=[[1.0],[2.0]]",
+            "--outdir",
+            str(tmp_path / "out"),
+        ]
+    ]
+    (tmp_path / "commands.json").write_text(json.dumps(commands))
+    subprocess.run(
+        [sys.executable, "-c", SAVED_MODEL_CLI, str(tmp_path / "commands.json"), str(tmp_path / "results.json")],
+        check=True,
+        env=ENV,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    (run,) = json.loads((tmp_path / "results.json").read_text())
+    assert run["code"] == 0, run
+    key = "score" if custom else "outputs"
+    served = np.load(tmp_path / "out" / f"{key}.npy")
+    assert served.shape == (2, 2)
+
+
+def test_features_the_default_signature_cannot_take_are_refused_before_training(tmp_path):
+    cfg = make_cfg(tmp_path / "run", **{"trainer.max_steps": 4, "export.enabled": True, "data.nested": True})
+    with pytest.raises(ExportError) as err:
+        TabularTrainer(cfg).fit()
+    assert "the default serving signature cannot take" in str(err.value) and "override serving_signatures()" in str(
+        err.value
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists() or not [
+        n for n in os.listdir(tmp_path / "run" / "checkpoints") if n.startswith("ckpt-")
+    ]

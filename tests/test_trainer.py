@@ -203,7 +203,7 @@ def test_train_step_must_return_a_dict(toy_cfg):
         def train_step(self, batch):
             return super().train_step(batch)["loss"]
 
-    with pytest.raises(TypeError, match="train_step must return"):
+    with pytest.raises(ckptkit.HookError, match=r"train_step\(\) returned a tensor; return a dict"):
         Bad(toy_cfg()).fit()
 
 
