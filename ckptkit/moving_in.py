@@ -33,17 +33,30 @@ log = logging.getLogger("ckptkit")
 
 def written_by_plain_manager(directory: str) -> str | None:
     """The newest checkpoint of ``directory`` when a plain ``tf.train.CheckpointManager``
-    wrote it (checkpoints, no ckptkit bookkeeping), else None."""
+    wrote it (checkpoints, no ckptkit bookkeeping), else None. Only complete checkpoints of
+    real files count: a planted link is never read through (it is moved aside, as in any
+    run directory)."""
     if not tf.io.gfile.isdir(directory):
         return None
-    names = set(storage.listdir(directory))
+    names = sorted(storage.listdir(directory))
     if metadata.METADATA_FILE in names or OWNER_FILE in names:
         return None
-    numbers = [metadata.step_of(n[: -len(".index")]) for n in names if n.endswith(".index")]
-    found = [n for n in numbers if n is not None]
-    if not found:
+    complete = []
+    for name in names:
+        number = metadata.step_of(name[: -len(".index")]) if name.endswith(".index") else None
+        if number is None:
+            continue
+        files = metadata.checkpoint_files(os.path.join(directory, f"ckpt-{number}"), names)
+        data = [f for f in files if not f.endswith(".index")]
+        if data and all(storage.is_real_file(f) for f in files):
+            complete.append(number)
+    if not complete:
         return None
-    return tf.train.latest_checkpoint(directory) or os.path.join(directory, f"ckpt-{max(found)}")
+    state = os.path.join(directory, metadata.STATE_FILE)
+    latest = tf.train.latest_checkpoint(directory) if storage.is_real_file(state) else None
+    if latest and metadata.step_of(latest) in complete:
+        return latest
+    return os.path.join(directory, f"ckpt-{max(complete)}")
 
 
 def adopt(tr: Any, newest: str) -> RestoreReport:
