@@ -220,10 +220,11 @@ class Controller:
                 log.info("data position: %.1f kB in each checkpoint", size / 1e3)
         return path
 
-    def check_window(self, step: int) -> loop_lib.Window:
-        """Read the train steps since the last log line; one whose metrics were not finite
-        stops the run (``trainer.on_nonfinite=stop``), else is reported once (``warn``)."""
-        w = self.tr._train_window.read()
+    def check_window(self, step: int, reset: bool = False) -> loop_lib.Window:
+        """Read the train steps since the last log line (``reset``: and start the next window,
+        at a log line); one whose metrics were not finite stops the run
+        (``trainer.on_nonfinite=stop``), else is reported once (``warn``)."""
+        w = self.tr._train_window.read(reset)
         if not w.bad_steps or self._bad_reported == (w.first_bad, w.bad_steps):
             return w
         where = f"step {w.first_bad}" + (
@@ -351,7 +352,7 @@ class Controller:
         saving_now = self.policy.should_save(ctx)
         if coordinated:
             saving_now = tr.distribution.agree(saving_now)
-        window = self.check_window(step) if window_read_due(logging_now, saving_now) else None
+        window = self.check_window(step, reset=logging_now) if window_read_due(logging_now, saving_now) else None
         if tr._progress.enabled:  # the bar shows this call's means
             rate = (step - st.log_start_step) / max(time.time() - st.log_start, 1e-9)
             tr._progress.update(step, loop_lib.to_python(out), rate)
@@ -374,7 +375,6 @@ class Controller:
         tr._summaries.scalars("train", step, {**w.means, "steps_per_sec": rate, "nonfinite_steps": w.bad_steps})
         log.info("step %d/%d  %s  (%.0f steps/s)", step, self.s.trainer.max_steps, fmt(w.means), rate)
         st.log_start, st.log_start_step = time.time(), step
-        tr._train_window.reset()
         self._bad_reported = None
 
     def _finish(self, st: LoopState, eval_ds) -> None:

@@ -70,45 +70,41 @@ class HookCheck:
             raise HookError(self.problem)
 
 
+#: Keys of a loop call's result that are no metrics: its finite and non-finite step counts
+#: and the first non-finite step (-1: none), tallied inside the compiled loop.
+FINITE_STEPS, BAD_STEPS, FIRST_BAD = "_finite_steps", "_bad_steps", "_first_bad"
+TALLY_KEYS = (FINITE_STEPS, BAD_STEPS, FIRST_BAD)
+
+
 class TrainWindow:
-    """What the train steps since the last log line produced, kept on the device: the sum of
-    each metric over the steps whose metrics were all finite, how many such steps ran, how
-    many did not, and the first step that did not (-1: none). Every step adds to it inside
-    the compiled loop, so a non-finite loss between two log lines is never missed and no step
-    reads anything back to the host; :meth:`read` fetches it at a boundary (one transfer) and
-    :meth:`reset` starts the next window. Not part of any checkpoint."""
+    """The train steps since the last log line. Every step is tallied inside the compiled
+    loop (loop-carried values, no variables): each call returns the mean of each metric over
+    its steps whose metrics were all finite, how many those were, how many were not, and the
+    first that was not. This window keeps the calls' results as they come (device tensors,
+    nothing read back), so a non-finite loss between two log lines is never missed; :meth:`read`
+    fetches them at a boundary. Not part of any checkpoint."""
 
     def __init__(self):
-        self.sums = tf.Variable(tf.zeros([0]), shape=tf.TensorShape([None]), trainable=False, name="window_sums")
-        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="window_steps")
-        self.bad_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="window_bad_steps")
-        self.first_bad = tf.Variable(-1, dtype=tf.int64, trainable=False, name="window_first_bad")
-        self.names: list[str] = []
-        self._read = tf.function(lambda: (self.sums.read_value(), self.steps, self.bad_steps, self.first_bad))
+        self.calls: list[Mapping[str, tf.Tensor]] = []
 
-    def add(self, metrics: Mapping[str, tf.Tensor], step: tf.Tensor) -> None:
-        """In the traced step: add one step's metrics (``step``: the step just run)."""
-        self.names = sorted(metrics)
-        values = tf.stack([metrics[k] for k in self.names])
-        finite = tf.reduce_all(tf.math.is_finite(values))
-        previous = self.sums.read_value()
-        previous = tf.cond(tf.size(previous) > 0, lambda: previous, lambda: tf.zeros_like(values))
-        self.sums.assign(previous + tf.where(finite, values, tf.zeros_like(values)))
-        self.steps.assign_add(tf.cast(finite, tf.int64))
-        self.bad_steps.assign_add(1 - tf.cast(finite, tf.int64))
-        self.first_bad.assign(tf.where(tf.logical_or(finite, self.first_bad >= 0), self.first_bad, step))
+    def add(self, out: Mapping[str, tf.Tensor]) -> None:
+        self.calls.append(out)
 
-    def read(self) -> Window:
-        sums, steps, bad, first = (np.asarray(t) for t in self._read())
-        n = int(steps)
-        means = {k: float(v) / n for k, v in zip(self.names, sums, strict=False)} if n else {}
-        return Window(means, n, int(bad), int(first) if int(first) >= 0 else None)
-
-    def reset(self) -> None:
-        self.sums.assign(tf.zeros([0]))
-        self.steps.assign(0)
-        self.bad_steps.assign(0)
-        self.first_bad.assign(-1)
+    def read(self, reset: bool = False) -> Window:
+        sums: dict[str, float] = {}
+        steps = bad = 0
+        first: int | None = None
+        for out in self.calls:
+            values = {k: float(np.asarray(v)) for k, v in out.items()}
+            n, b, f = int(values[FINITE_STEPS]), int(values[BAD_STEPS]), int(values[FIRST_BAD])
+            for k, v in values.items():
+                if k not in TALLY_KEYS and n:
+                    sums[k] = sums.get(k, 0.0) + v * n
+            steps, bad = steps + n, bad + b
+            first = f if first is None and f >= 0 else first
+        if reset:
+            self.calls = []
+        return Window({k: v / steps for k, v in sums.items()} if steps else {}, steps, bad, first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +121,9 @@ class Window:
 class TrainLoop:
     """Runs ``n >= 1`` train steps on ``iterator`` per call: ``loop(n)`` -> mean metrics.
 
-    Every step also adds its metrics to :attr:`window` (on the device), which the host reads
-    at log and save boundaries: the means since the last log line, and any non-finite step.
+    Every step is also tallied in the loop (finite or not, the first that was not), and each
+    call's result goes into :attr:`window`, which the host reads at log and save boundaries:
+    the means since the last log line, and any non-finite step.
 
     A loop of ``n > 1`` steps is one ``tf.function`` with ``n`` as a tensor, so loops of any
     length (cut short at an eval, save or log boundary) share one trace. A single step has a
@@ -156,35 +153,55 @@ class TrainLoop:
             batch = next(iterator)
             out = replica_step(batch) if dist is None else dist.mean(dist.run(replica_step, batch))
             global_step.assign_add(1)
-            self.window.add(out, global_step.read_value())
-            return out
+            return out, global_step.read_value()
+
+        def tally(acc, out, step):
+            """Add one step to the loop-carried tallies: sums over finite steps, counts, first bad."""
+            sums, finite_steps, bad_steps, first_bad = acc
+            finite = tf.reduce_all(tf.math.is_finite(tf.stack([out[k] for k in sorted(out)])))
+            sums = {k: sums[k] + tf.where(finite, out[k], 0.0) for k in sums}
+            first_bad = tf.where(tf.logical_or(finite, first_bad >= 0), first_bad, step)
+            return sums, finite_steps + tf.cast(finite, tf.int64), bad_steps + 1 - tf.cast(finite, tf.int64), first_bad
+
+        def result(acc):
+            sums, finite_steps, bad_steps, first_bad = acc
+            n = tf.cast(tf.maximum(finite_steps, 1), tf.float32)
+            return {
+                **{k: v / n for k, v in sums.items()},
+                FINITE_STEPS: finite_steps,
+                BAD_STEPS: bad_steps,
+                FIRST_BAD: first_bad,
+            }
+
+        def start(names):
+            zero = tf.constant(0, tf.int64)
+            return {k: tf.zeros([], tf.float32) for k in names}, zero, zero, tf.constant(-1, tf.int64)
+
+        def single():
+            out, step = one()
+            return result(tally(start(sorted(out)), out, step))
 
         def many(num_steps):
-            totals = one()
-            done = tf.constant(1)
+            out, step = one()
+            acc = tally(start(sorted(out)), out, step)
             for _ in tf.range(num_steps - 1):
                 if stop is not None and stop.read_value():
                     break
-                out = one()
-                totals = {k: totals[k] + out[k] for k in totals}
-                done += 1
-            n = tf.cast(done, tf.float32)
-            return {k: v / n for k, v in totals.items()}
+                out, step = one()
+                acc = tally(acc, out, step)
+            return result(acc)
 
         def coordinated(num_steps):
-            totals = {k: tf.zeros([], tf.float32) for k in self._metric_names()}
-            done = tf.constant(0)
+            acc = start(self._metric_names())
             for _ in tf.range(num_steps):
                 if dist.any_true(stop):
                     break
-                out = one()
-                totals = {k: totals[k] + out[k] for k in totals}
-                done += 1
-            n = tf.cast(tf.maximum(done, 1), tf.float32)
-            return {k: v / n for k, v in totals.items()}
+                out, step = one()
+                acc = tally(acc, out, step)
+            return result(acc)
 
         self._coordinated = dist is not None and dist.multi_worker and stop is not None
-        self._one = tf.function(one)
+        self._one = tf.function(single)
         self._many = tf.function(coordinated if self._coordinated else many)
         self._lengths: dict[int, tf.Tensor] = {}
 
@@ -201,7 +218,7 @@ class TrainLoop:
         return self._many.get_concrete_function(tf.TensorSpec([], tf.int32))
 
     def _metric_names(self):
-        return sorted(self._single_fn.structured_outputs)
+        return sorted(k for k in self._single_fn.structured_outputs if k not in TALLY_KEYS)
 
     def trace(self, steps_per_loop: int) -> None:
         """Trace the function the run will call (the single step for ``steps_per_loop=1``)
@@ -215,11 +232,16 @@ class TrainLoop:
         self.check.raise_if_any()
 
     def __call__(self, n: int) -> dict[str, tf.Tensor]:
+        """Run ``n`` steps; the result (means over the finite steps, and the tallies) also
+        goes into :attr:`window`."""
         if n == 1 and not self._coordinated:
-            return self._single_fn()
-        if n not in self._lengths:
-            self._lengths[n] = tf.constant(n, tf.int32)
-        return self._loop_fn(self._lengths[n])
+            out = self._single_fn()
+        else:
+            if n not in self._lengths:
+                self._lengths[n] = tf.constant(n, tf.int32)
+            out = self._loop_fn(self._lengths[n])
+        self.window.add(out)
+        return out
 
 
 def batch_size(batch) -> tf.Tensor:
@@ -297,7 +319,8 @@ class FiniteCheck:
 
 
 def to_python(metrics: Mapping[str, tf.Tensor]) -> dict[str, float]:
-    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+    """A call's metrics as floats (without the tallies)."""
+    return {k: float(np.asarray(v)) for k, v in metrics.items() if k not in TALLY_KEYS}
 
 
 def all_finite(metrics: Mapping[str, float]) -> bool:
