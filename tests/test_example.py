@@ -387,7 +387,7 @@ def test_run_dir_that_is_a_file_is_one_message(tmp_path):
 
 @pytest.mark.slow
 def test_the_cli_hides_tensorflows_start_up_lines_and_logs_each_line_once(tmp_path):
-    """`ckptkit ls/inspect/verify/export` with TF_CPP_MIN_LOG_LEVEL=2 (issue 31): none of
+    """`ckptkit ls/inspect/export` with TF_CPP_MIN_LOG_LEVEL=2 (issue 31): none of
     TensorFlow's C++ start-up lines, each log line once, and the export check announced."""
     from conftest import ToyTrainer, make_cfg
 
@@ -395,7 +395,7 @@ def test_the_cli_hides_tensorflows_start_up_lines_and_logs_each_line_once(tmp_pa
     ToyTrainer(make_cfg(run, **{"trainer.max_steps": 5})).fit()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     outputs = {}
-    for command in (["ls", str(run)], ["inspect", str(run)], ["verify", str(run)], ["export", str(run)]):
+    for command in (["ls", str(run)], ["inspect", str(run)], ["export", str(run)]):
         proc = subprocess.run(
             [sys.executable, "-m", "ckptkit.cli", *command],
             cwd=REPO,

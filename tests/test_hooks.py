@@ -29,21 +29,6 @@ MISTAKES = {
         [],
         "train_step() returned a tensor; return a dict of scalar metrics such as {'loss': loss}",
     ),
-    "train_step returns a per-example loss": (
-        lambda src: src.replace('return {"loss": loss}', 'return {"loss": tf.square(self.model(x) - y)}'),
-        [],
-        "train_step() returned 'loss' with shape [32, 1]; metrics must be scalars",
-    ),
-    "train_step returns nothing": (
-        lambda src: src.replace('        return {"loss": loss}\n', ""),
-        [],
-        "train_step() returned None (is a return statement missing?)",
-    ),
-    "eval_dataset without eval_step": (
-        lambda src: _add_methods(src, EVAL.split("    def eval_step")[0].replace("EVAL_BATCHES", "2")),
-        [],
-        "MyTrainer has an eval_dataset() but does not override eval_step()",
-    ),
     "an empty eval dataset": (
         lambda src: _add_methods(src, EVAL.replace("EVAL_BATCHES", "0")),
         [],
@@ -105,3 +90,31 @@ def test_each_hook_mistake_is_a_few_lines_naming_it(tmp_path, mistake):
 def _tensorflow_start_up(line: str) -> bool:
     """TensorFlow's C++ start-up lines, which TF_CPP_MIN_LOG_LEVEL does not reach."""
     return line.startswith(("WARNING: All log messages before absl::InitializeLog()", "I0000", "E0000", "W0000"))
+
+
+@pytest.mark.parametrize(
+    "mistake, says",
+    [
+        ("per-example", "train_step() returned 'loss' with shape [16]; metrics must be scalars"),
+        ("none", "train_step() returned None (is a return statement missing?)"),
+        ("no eval_step", "has an eval_dataset() but does not override eval_step()"),
+    ],
+)
+def test_more_hook_mistakes_in_process(tmp_path, mistake, says):
+    import tensorflow as tf
+    from conftest import ToyTrainer, make_cfg
+
+    import ckptkit
+
+    class Bad(ToyTrainer):
+        def train_step(self, batch):
+            out = super().train_step(batch)
+            if mistake == "per-example":
+                return {"loss": tf.ones([16]) * out["loss"]}
+            return None if mistake == "none" else out
+
+    if mistake == "no eval_step":
+        Bad.eval_step = ckptkit.Trainer.eval_step
+    with pytest.raises(ckptkit.HookError) as err:
+        Bad(make_cfg(tmp_path / "run", **{"trainer.max_steps": 5})).fit()
+    assert says in str(err.value) and "\n" not in str(err.value)
