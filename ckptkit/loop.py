@@ -84,27 +84,42 @@ class TrainWindow:
     nothing read back), so a non-finite loss between two log lines is never missed; :meth:`read`
     fetches them at a boundary. Not part of any checkpoint."""
 
+    #: Calls kept on the device before they are folded into host-side sums (one read per this
+    #: many calls when log lines are rare: memory stays bounded, reads stay rare).
+    FOLD_EVERY = 256
+
     def __init__(self):
         self.calls: list[Mapping[str, tf.Tensor]] = []
+        self._clear()
+
+    def _clear(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._steps = self._bad = 0
+        self._first: int | None = None
 
     def add(self, out: Mapping[str, tf.Tensor]) -> None:
         self.calls.append(out)
+        if len(self.calls) >= self.FOLD_EVERY:
+            self._fold()
 
-    def read(self, reset: bool = False) -> Window:
-        sums: dict[str, float] = {}
-        steps = bad = 0
-        first: int | None = None
+    def _fold(self) -> None:
         for out in self.calls:
             values = {k: float(np.asarray(v)) for k, v in out.items()}
             n, b, f = int(values[FINITE_STEPS]), int(values[BAD_STEPS]), int(values[FIRST_BAD])
             for k, v in values.items():
                 if k not in TALLY_KEYS and n:
-                    sums[k] = sums.get(k, 0.0) + v * n
-            steps, bad = steps + n, bad + b
-            first = f if first is None and f >= 0 else first
+                    self._sums[k] = self._sums.get(k, 0.0) + v * n
+            self._steps, self._bad = self._steps + n, self._bad + b
+            self._first = f if self._first is None and f >= 0 else self._first
+        self.calls = []
+
+    def read(self, reset: bool = False) -> Window:
+        self._fold()
+        n = self._steps
+        window = Window({k: v / n for k, v in self._sums.items()} if n else {}, n, self._bad, self._first)
         if reset:
-            self.calls = []
-        return Window({k: v / steps for k, v in sums.items()} if steps else {}, steps, bad, first)
+            self._clear()
+        return window
 
 
 @dataclasses.dataclass(frozen=True)

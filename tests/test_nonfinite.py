@@ -103,3 +103,28 @@ def test_the_logged_loss_is_the_mean_since_the_last_log_line(tmp_path, steps_per
     )
     result = CountingLoss(cfg).fit()
     assert result.metrics["loss"] == pytest.approx((4 + 5 + 6 + 7) / 4)
+
+
+def test_the_window_folds_rare_log_lines_into_host_sums():
+    """With log lines far apart the calls are folded every FOLD_EVERY calls (memory stays
+    bounded); the means, counts and first bad step are the same as read at once."""
+    from ckptkit import loop
+
+    def call(loss, finite, bad, first):
+        return {
+            "loss": tf.constant(loss),
+            loop.FINITE_STEPS: tf.constant(finite, tf.int64),
+            loop.BAD_STEPS: tf.constant(bad, tf.int64),
+            loop.FIRST_BAD: tf.constant(first, tf.int64),
+        }
+
+    window = loop.TrainWindow()
+    window.FOLD_EVERY = 3
+    calls = [call(1.0, 2, 0, -1), call(3.0, 1, 1, 7), call(5.0, 2, 0, -1), call(2.0, 0, 2, 11), call(4.0, 1, 0, -1)]
+    for c in calls:
+        window.add(c)
+    assert len(window.calls) == 2  # three were folded
+    w = window.read(reset=True)
+    assert w.steps == 6 and w.bad_steps == 3 and w.first_bad == 7
+    assert w.means["loss"] == pytest.approx((1 * 2 + 3 * 1 + 5 * 2 + 4 * 1) / 6)
+    assert window.read() == loop.Window({}, 0, 0, None)
