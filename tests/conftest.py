@@ -114,6 +114,14 @@ class ToyTrainer(ckptkit.Trainer):
         return out
 
 
+def own_project_block(after: str, lang: str) -> str:
+    """A code block of docs/own-project.md (linked from the README): the first ```lang block
+    after the text ``after``."""
+    text = open(os.path.join(REPO, "docs", "own-project.md")).read()
+    start = text.index(f"```{lang}\n", text.index(after)) + len(lang) + 4
+    return text[start : text.index("```", start)]
+
+
 def make_cfg(run_dir, **overrides):
     """A plain dict config for ToyTrainer; ``overrides`` are dotted keys."""
     base = {

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, steps_on_disk
+from conftest import REPO, own_project_block, steps_on_disk
 from procs import wait_for_line
 
 from ckptkit import cli, metadata
@@ -190,18 +190,12 @@ def test_ckptkit_errors_are_one_message_without_a_traceback(tmp_path, override, 
     assert "building" not in out.lower() and "training digits" not in out, out[-3000:]
 
 
-def _readme_block(after: str, lang: str) -> str:
-    text = open(os.path.join(REPO, "docs", "own-project.md")).read()  # linked from the README
-    start = text.index(f"```{lang}\n", text.index(after)) + len(lang) + 4
-    return text[start : text.index("```", start)]
-
-
 @pytest.mark.slow
 def test_your_own_project_from_the_readme_runs_outside_the_repository(tmp_path):
     """The README's two files in an empty directory: ckptkit's groups come from the
     installed package (ConfigStore), not from this repository's configs/."""
-    (tmp_path / "config.yaml").write_text(_readme_block("# Your own project", "yaml"))
-    (tmp_path / "train.py").write_text(_readme_block("`train.py`, next to it:", "python"))
+    (tmp_path / "config.yaml").write_text(own_project_block("# Your own project", "yaml"))
+    (tmp_path / "train.py").write_text(own_project_block("`train.py`, next to it:", "python"))
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
     proc = subprocess.run(
         [sys.executable, "train.py", "export.verify=false"],
@@ -335,8 +329,8 @@ def test_a_sweep_of_the_own_project_resumes_every_job_with_more_steps(tmp_path):
     """The README's own project, unchanged: ckptkit's Hydra defaults (from `trainer: default`)
     give each sweep job its directory and leave trainer.max_steps out of its name, so the
     same sweep with more steps resumes both jobs (issue 31)."""
-    (tmp_path / "config.yaml").write_text(_readme_block("# Your own project", "yaml"))
-    (tmp_path / "train.py").write_text(_readme_block("`train.py`, next to it:", "python"))
+    (tmp_path / "config.yaml").write_text(own_project_block("# Your own project", "yaml"))
+    (tmp_path / "train.py").write_text(own_project_block("`train.py`, next to it:", "python"))
 
     def sweep(steps):
         proc = subprocess.run(
@@ -369,8 +363,8 @@ def test_a_sweep_of_the_own_project_resumes_every_job_with_more_steps(tmp_path):
 
 @pytest.mark.slow
 def test_run_dir_that_is_a_file_is_one_message(tmp_path):
-    (tmp_path / "config.yaml").write_text(_readme_block("# Your own project", "yaml"))
-    (tmp_path / "train.py").write_text(_readme_block("`train.py`, next to it:", "python"))
+    (tmp_path / "config.yaml").write_text(own_project_block("# Your own project", "yaml"))
+    (tmp_path / "train.py").write_text(own_project_block("`train.py`, next to it:", "python"))
     proc = subprocess.run(
         [sys.executable, "train.py", "run_dir=train.py"],
         cwd=tmp_path,

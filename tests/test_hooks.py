@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import own_project_block
 
 EVAL = """
     def eval_dataset(self):
@@ -42,12 +42,6 @@ MISTAKES = {
 }
 
 
-def _block(after: str, lang: str) -> str:
-    text = open(os.path.join(REPO, "docs", "own-project.md")).read()
-    start = text.index(f"```{lang}\n", text.index(after)) + len(lang) + 4
-    return text[start : text.index("```", start)]
-
-
 def _without_method(src: str, name: str) -> str:
     start = src.index(f"    def {name}(")
     end = src.find("\n    def ", start + 1)
@@ -64,8 +58,8 @@ def _add_methods(src: str, methods: str) -> str:
 @pytest.mark.parametrize("mistake", sorted(MISTAKES))
 def test_each_hook_mistake_is_a_few_lines_naming_it(tmp_path, mistake):
     edit, overrides, says = MISTAKES[mistake]
-    (tmp_path / "config.yaml").write_text(_block("# Your own project", "yaml"))
-    src = edit(_block("`train.py`, next to it:", "python"))
+    (tmp_path / "config.yaml").write_text(own_project_block("# Your own project", "yaml"))
+    src = edit(own_project_block("`train.py`, next to it:", "python"))
     (tmp_path / "train.py").write_text(src)
     proc = subprocess.run(
         [sys.executable, "train.py", "export.verify=false", *overrides],
