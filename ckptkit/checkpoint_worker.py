@@ -13,6 +13,7 @@ from typing import Any
 import tensorflow as tf
 
 from ckptkit import metadata, storage
+from ckptkit._compat import mark_save_thread, own_executor_only
 from ckptkit.errors import CheckpointSaveError
 
 log = logging.getLogger("ckptkit")
@@ -47,7 +48,8 @@ def save_as_worker(ckpt: Any, step: int, worker_dir: str) -> str:
     )
     prefix = metadata.checkpoint_prefix(worker_dir, step)
     try:
-        ckpt._checkpoint.write(prefix, options=options)
+        with own_executor_only():  # see _compat.patch_async_wait
+            ckpt._checkpoint.write(prefix, options=options)
     except Exception as exc:  # noqa: BLE001 - re-raised with the path named
         raise CheckpointSaveError(
             f"this worker's part of checkpoint {chief_path} failed writing {prefix}: {ckpt._failure(prefix, exc)}"
@@ -56,6 +58,7 @@ def save_as_worker(ckpt: Any, step: int, worker_dir: str) -> str:
 
 
 def discard_worker_dir(ckpt: Any, worker_dir: str) -> None:
+    mark_save_thread()  # see _compat.patch_async_wait
     try:
         storage.remove_tree(worker_dir)
     except Exception as exc:  # noqa: BLE001 - surfaced in the training thread

@@ -28,7 +28,13 @@ from collections.abc import Callable, Mapping
 import tensorflow as tf
 
 from ckptkit import checkpoint_files, checkpoint_restore, checkpoint_worker, metadata, transfer
-from ckptkit._compat import end_async_save_thread, patch_keras_async_checkpoint, patch_keras_checkpoint_children
+from ckptkit._compat import (
+    end_async_save_thread,
+    mark_save_thread,
+    own_executor_only,
+    patch_keras_async_checkpoint,
+    patch_keras_checkpoint_children,
+)
 from ckptkit.checkpoint_book import CheckpointBook
 from ckptkit.errors import (
     CheckpointSaveError,
@@ -206,7 +212,8 @@ class Checkpointer:
                 it.snapshot()
         self._pending = info
         try:
-            self._checkpoint.write(prefix, options=options)
+            with own_executor_only():  # see _compat.patch_async_wait
+                self._checkpoint.write(prefix, options=options)
         except Exception as exc:  # noqa: BLE001 - re-raised with the path named
             self._pending = None
             if previous is not None and self.book.get(previous.step) is None:
@@ -323,6 +330,7 @@ class Checkpointer:
 
     def _on_written(self, info: CheckpointInfo, started: float, returned: threading.Event, timing: dict) -> None:
         """Runs once the files of ``info`` are complete (in TensorFlow's save thread if async)."""
+        mark_save_thread()  # before TensorFlow's async_wait() that follows the callbacks
         try:
             metadata.fsync_checkpoint(info.path)
             seconds = time.time() - started

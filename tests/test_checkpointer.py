@@ -102,6 +102,42 @@ def test_keras_model_async_saves_twice_and_restores_exactly(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["sync", "async", "worker"])
+def test_saves_never_wait_on_other_threads_executors(tmp_path, monkeypatch, kind):
+    """Regression: TensorFlow's Checkpoint.write calls context.async_wait(), which waits on
+    every thread's executor through raw pointers; a tf.py_function call running meanwhile
+    (in train_step, in a tf.data map) frees its executor, and the process aborted with
+    abseil's "Mutex corrupt" (ckptkit._compat.patch_async_wait). ckptkit's saves wait for
+    their own thread's executor only: TensorFlow's SyncExecutors is never called, in the
+    training thread or in the background save thread."""
+    from tensorflow.python.eager import context
+
+    calls = []
+    real = context.Context.sync_executors
+
+    def spy(self):
+        calls.append(__import__("threading").current_thread().name)
+        return real(self)
+
+    monkeypatch.setattr(context.Context, "sync_executors", spy)
+    v = tf.Variable(tf.zeros([64]))
+    plain = tf.train.Checkpoint(v=v)  # the control: TensorFlow's own write syncs them all
+    plain.write(str(tmp_path / "plain" / "c"), options=tf.train.CheckpointOptions(enable_async=kind != "sync"))
+    plain.sync()
+    assert calls, "the spy saw no SyncExecutors call from tf.train.Checkpoint.write"
+    calls.clear()
+    worker_dir = str(tmp_path / "worker") if kind == "worker" else None
+    ckpt = ckptkit.Checkpointer(str(tmp_path / "ckpts"), async_save=kind != "sync", worker_dir=worker_dir, v=v)
+    for step in (1, 2, 3):
+        v.assign_add(tf.ones([64]))
+        ckpt.save(step)
+    ckpt.wait()
+    ckpt.close()
+    assert calls == []
+    if kind != "worker":
+        assert steps_on_disk(str(tmp_path / "ckpts")) == [1, 2, 3]
+
+
 def test_metadata_follows_the_files_on_disk(tmp_path):
     d = str(tmp_path / "ckpts")
     net = Net()
