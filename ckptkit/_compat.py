@@ -150,7 +150,8 @@ def patch_async_wait() -> None:
     an executor already freed: the process aborts with abseil's "Mutex corrupt" (about 1 run
     in 25 of the kill -9 test's 375 saves with a ``py_function`` in its step; in seconds
     when the two run in a loop). The copies and the writes of a save run in the saving
-    thread's own executor, so waiting for that one is all the save needs.
+    thread's own executor, so waiting for that one is all the save needs. The export's
+    ``tf.saved_model.save`` (which calls it too) runs in the same scope.
     """
     global _async_wait_patched
     if _async_wait_patched:

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from ckptkit import lock_records, serving_check, storage, transfer
+from ckptkit._compat import own_executor_only
 from ckptkit.errors import ExportError
 from ckptkit.storage import atomic_write_text
 
@@ -623,7 +624,8 @@ def export_saved_model(
     saved = os.path.join(tmp, "model")
     record = dict(info)
     try:
-        tf.saved_model.save(serving_root(model, signatures), saved, signatures=dict(signatures))
+        with own_executor_only():  # a tf.data py_function running ahead: _compat.patch_async_wait
+            tf.saved_model.save(serving_root(model, signatures), saved, signatures=dict(signatures))
         extra = os.path.join(saved, "assets.extra")
         tf.io.gfile.makedirs(extra)
         check = _check_before_publishing(saved, extra, feeds, expected, sources, verify, f"{final} (not published)")

@@ -52,11 +52,18 @@ def test_relaunching_a_finished_run_does_not_export_twice(toy_cfg):
     assert export_lib.versions(os.path.dirname(first.export_path)) == [1]
 
 
-def test_next_export_gets_the_next_version_and_no_temporary_is_left(toy_cfg):
+def test_next_export_gets_the_next_version_and_no_temporary_is_left(toy_cfg, monkeypatch):
+    """Also: neither the saves nor the export call TensorFlow's SyncExecutors, which waits
+    on every thread's executor (ckptkit._compat.patch_async_wait)."""
+    from tensorflow.python.eager import context
+
     cfg = toy_cfg(**{"trainer.max_steps": 5, "export.enabled": True, "export.verify": False})
     ToyTrainer(cfg).fit()
     cfg["trainer"]["max_steps"] = 10
+    synced = []
+    monkeypatch.setattr(context.Context, "sync_executors", lambda self: synced.append(1))
     result = ToyTrainer(cfg).fit()
+    assert synced == []
     export_dir = os.path.dirname(result.export_path)
     assert export_lib.versions(export_dir) == [1, 2]
     assert sorted(os.listdir(export_dir)) == ["1", "2"]
