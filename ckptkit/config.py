@@ -30,6 +30,7 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 
 from ckptkit import gfile
 from ckptkit.errors import ConfigError
+from ckptkit.save_budget import AUTO, DEFAULT_MAX_OVERHEAD
 
 OWNED_GROUPS = ("trainer", "checkpoint", "export", "strategy")
 OWNED_KEYS = ("name", "run_dir") + OWNED_GROUPS
@@ -142,7 +143,8 @@ class CheckpointConfig:
     max_to_keep: int | None = 3
     keep_every_n_hours: float | None = None
     save_every_steps: Any = 1000
-    save_every_seconds: float | None = None
+    save_every_seconds: Any = None  # seconds, or "auto" (ckptkit.save_budget)
+    max_overhead: float | None = None  # with save_every_seconds=auto; None: 0.02
     save_at_steps: list[int] = field(default_factory=list)
     best: BestConfig = field(default_factory=BestConfig)
     async_save: bool = True
@@ -365,6 +367,30 @@ def _positive(key: str, value: float | None, *, allow_none: bool, integer: bool,
         raise ConfigError(key, f"must be {'zero or ' if allow_zero else ''}positive, got {value!r}")
 
 
+def _save_every_seconds(c: CheckpointConfig) -> None:
+    """A number of seconds, ``auto`` (with ``max_overhead``, a fraction: 0.02 when unset), or null."""
+    auto = c.save_every_seconds == AUTO
+    if isinstance(c.save_every_seconds, str) and not auto:
+        raise ConfigError(
+            "checkpoint.save_every_seconds", f"must be a number of seconds, auto or null; got {c.save_every_seconds!r}"
+        )
+    if not auto:
+        _positive("checkpoint.save_every_seconds", c.save_every_seconds, allow_none=True, integer=False)
+        if c.max_overhead is not None:
+            raise ConfigError(
+                "checkpoint.max_overhead",
+                f"applies only with checkpoint.save_every_seconds=auto (it is {c.save_every_seconds!r})",
+            )
+        return
+    if c.max_overhead is None:
+        c.max_overhead = DEFAULT_MAX_OVERHEAD
+    _positive("checkpoint.max_overhead", c.max_overhead, allow_none=False, integer=False)
+    if not c.max_overhead < 1:
+        raise ConfigError(
+            "checkpoint.max_overhead", f"is a fraction of training time, e.g. 0.02 for 2%; got {c.max_overhead!r}"
+        )
+
+
 def _one_of(key: str, value: str, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
@@ -388,7 +414,7 @@ def validate(run: RunConfig) -> RunConfig:
     _positive("checkpoint.max_to_keep", c.max_to_keep, allow_none=True, integer=True)
     _positive("checkpoint.keep_every_n_hours", c.keep_every_n_hours, allow_none=True, integer=False)
     _positive("checkpoint.save_every_steps", c.save_every_steps, allow_none=True, integer=True)
-    _positive("checkpoint.save_every_seconds", c.save_every_seconds, allow_none=True, integer=False)
+    _save_every_seconds(c)
     _positive("checkpoint.best.keep", c.best.keep, allow_none=False, integer=True)
     _positive("checkpoint.lock_lease_seconds", c.lock_lease_seconds, allow_none=False, integer=False)
     for step in c.save_at_steps:

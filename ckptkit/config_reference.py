@@ -37,7 +37,13 @@ MEANINGS: dict[str, str] = {
     "checkpoint.max_to_keep": "newest checkpoints kept (null: all)",
     "checkpoint.keep_every_n_hours": "also keep one checkpoint per this many hours",
     "checkpoint.save_every_steps": "periodic save by steps",
-    "checkpoint.save_every_seconds": "periodic save by wall clock (a monotonic clock)",
+    "checkpoint.save_every_seconds": (
+        "periodic save by wall clock (a monotonic clock); `auto`: as often as `max_overhead` allows, "
+        "from the measured cost of each save (docs/performance.md)"
+    ),
+    "checkpoint.max_overhead": (
+        "with `save_every_seconds=auto`: the share of training time saves may cost (0.02 when null)"
+    ),
     "checkpoint.save_at_steps": "also save at these steps",
     "checkpoint.best.metric": 'eval metric that defines "best"',
     "checkpoint.best.mode": "`min` or `max`",
@@ -77,6 +83,7 @@ ANY_TYPES: dict[str, str] = {
     "trainer.log_every_steps": "int",
     "trainer.exit_code_peer_lost": "int or null",
     "checkpoint.save_every_steps": "int or null",
+    "checkpoint.save_every_seconds": "float, `auto` or null",
 }
 
 

@@ -55,6 +55,7 @@ from ckptkit.policies import (
     SavePolicy,
     is_better,
 )
+from ckptkit.save_budget import AUTO, SaveBudget, SaveWithinBudget
 
 log = logging.getLogger("ckptkit")
 
@@ -97,12 +98,15 @@ def export_on_best_due(new_best: bool, step_eval: Mapping | None, export_cfg: An
     return bool(new_best and step_eval and export_cfg.enabled and export_cfg.on_best and not preempted and chief)
 
 
-def save_policy(c: Any) -> AnySave:
-    """``checkpoint.*``'s save rules as one policy."""
+def save_policy(c: Any, budget: SaveBudget | None = None, decides: bool = True) -> AnySave:
+    """``checkpoint.*``'s save rules as one policy (``budget``: ``save_every_seconds=auto``'s
+    measurements; ``decides``: this process makes its decisions, the chief)."""
     policies: list[SavePolicy] = [SaveOnNewBest(), SaveAtEnd(), SaveOnPreemption()]
     if c.save_every_steps:
         policies.append(SaveEveryNSteps(c.save_every_steps))
-    if c.save_every_seconds:
+    if budget is not None:
+        policies.append(SaveWithinBudget(budget, decides))
+    elif c.save_every_seconds:
         policies.append(SaveEveryNSeconds(c.save_every_seconds))
     if c.save_at_steps:
         policies.append(SaveAtSteps(frozenset(int(s) for s in c.save_at_steps)))
@@ -131,7 +135,10 @@ class Controller:
     def __init__(self, trainer: Any):
         self.tr = trainer
         self.s = trainer.settings
-        self.policy = save_policy(self.s.checkpoint)
+        c = self.s.checkpoint
+        #: ``save_every_seconds=auto``: the measured step time and cost of each save.
+        self.budget = SaveBudget(c.max_overhead) if c.save_every_seconds == AUTO else None
+        self.policy = save_policy(c, self.budget, decides=trainer.is_chief)
         self._eval_fn: Any = None
         self._position_reported = False  # the data position's size, logged at the first save
         self._bad_reported: tuple[int, int] | None = None  # (first, count) of non-finite steps warned of
@@ -212,7 +219,13 @@ class Controller:
                 f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; nothing was saved at step "
                 f"{step}. {self.last_good()}"
             )
+        new = tr.checkpointer.find(step) is None
+        began = time.perf_counter()
         path = tr.checkpointer.save(step, metrics=metrics)
+        if self.budget is not None and new:
+            self.budget.save_started(step, time.perf_counter() - began)
+            if not tr.checkpointer.async_save or tr.checkpointer.worker_dir:
+                self.budget.save_written(step, None)  # written already (a worker's is not recorded)
         if not self._position_reported:
             self._position_reported = True
             size = tr.checkpointer.data_position_bytes()
@@ -260,6 +273,8 @@ class Controller:
     def log_completed_saves(self) -> None:
         tr = self.tr
         for info in tr.checkpointer.drain_completed():
+            if self.budget is not None:
+                self.budget.save_written(info.step, info.save_seconds)
             tr._summaries.scalars(
                 "checkpoint",
                 info.step,
@@ -267,6 +282,7 @@ class Controller:
                     "checkpoint/save_seconds": info.save_seconds or 0.0,
                     "checkpoint/blocking_seconds": info.blocking_seconds or 0.0,
                     "checkpoint/size_mb": (info.size or 0) / 2**20,
+                    **(self.budget.scalars() if self.budget is not None else {}),
                 },
             )
             tr._progress.saved(info.step)
@@ -301,6 +317,9 @@ class Controller:
             if out is None:
                 break  # stopped before its first step; saved below if unsaved
             self._after_call(st, out, eval_ds, coordinated)
+        summary = self.budget.summary() if self.budget is not None else None
+        if summary:  # the periodic saves' cost (the final save below is no rule's choice)
+            log.info(summary)
         self._finish(st, eval_ds)
         return st.step, st.train_metrics, st.eval_metrics
 
@@ -308,7 +327,9 @@ class Controller:
         """One call of the compiled loop up to the next boundary; advances ``st.step``."""
         tr = self.tr
         n = next_boundary(st.step, self.s.trainer, self.s.checkpoint) - st.step
-        began = time.time()
+        if self.budget is not None and not coordinated:  # stop the call where the save falls due
+            n = min(n, self.budget.steps_until_due(tr.clock(), st.last_save_time) or n)
+        began, step_before = time.time(), st.step
         try:
             out = tr._train_fn(n)
         except tf.errors.OutOfRangeError as exc:
@@ -329,6 +350,8 @@ class Controller:
             tr._stopped = True
         else:
             st.step += n
+        if self.budget is not None:
+            self.budget.call_done(st.step - step_before, time.time() - began)
         return out
 
     def _after_call(self, st: LoopState, out: Any, eval_ds, coordinated: bool) -> None:

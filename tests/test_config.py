@@ -61,6 +61,8 @@ def test_wrong_type_is_named(tmp_path, dotted, value):
         ("checkpoint.resume", "sometimes", "auto, never, must"),
         ("export.from", "middle", "best, last"),
         ("checkpoint.max_to_keep", 0, "positive"),
+        ("checkpoint.save_every_seconds", "often", "auto or null"),
+        ("checkpoint.max_overhead", 0.02, "only with checkpoint.save_every_seconds=auto"),
     ],
 )
 def test_bad_value_is_named(tmp_path, dotted, value, words):
