@@ -1,7 +1,8 @@
 """ckptkit against what users would otherwise write, side by side in one run.
 
     python benchmarks/run.py [--quick] [--reps 3] [--json out.json] [--threads N] [--device auto|cpu|gpu]
-                             [--only loop,savecost,savegap,position,finite,overhead,io,resume,d2h]
+                             [--only loop,savecost,savegap,position,finite,overhead,io,resume,lost,lostbig,growth,d2h]
+                             [--growth-sizes 64,256,1024,2048]
 
 1. loop      steps/s of a small MLP (64 inputs, batch 64, data shuffled every epoch with
              ckptkit.data.shuffle): a hand-written tf.function step in a Python loop, the same
@@ -32,6 +33,16 @@
              write/read vs the disk's own sequential write (+fsync) and read of that many bytes.
 4. resume    seconds from process start to the first training step of a resumed run: ckptkit
              vs a hand-written script restoring with tf.train.CheckpointManager.
+6. lost      work lost per kill -9 against the overhead of saving (benchmarks/lost.py): fixed
+             periods (every 1000 steps, every 10 s, every 5 minutes modelled), save_every_seconds=auto
+             at 1% and 2%, and Keras BackupAndRestore, on workload 1's MLP (lost) and on a --mb
+             model (lostbig): median and worst steps lost per kill over 2000 kill instants a run,
+             throughput against no periodic save. Targets: auto's overhead within its budget, and
+             auto losing less per kill than every fixed period that costs as much or more.
+7. growth    one save as the model grows (benchmarks/growth.py; --growth-sizes, 64 MB to 2 GB):
+             the disk's own write, a bare Checkpoint.write, the same in 4 shards
+             (experimental_sharding_callback), ckptkit sync and async (and the async save's
+             blocking part); target: ckptkit's save at 1 GB >= 0.9x the bare write.
 5. d2h       (with --device gpu, or named in --only) GB/s of the part of an async save that
              blocks training, against a plain device-to-host copy of the same variables and
              the finite check alone. Without a GPU, --device gpu prints "no GPU" and stops;
@@ -61,7 +72,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 from d2h import bench_d2h  # noqa: E402
 from finite import bench_finite  # noqa: E402
+from growth import bench_growth, growth_targets  # noqa: E402
 from harness import check_targets, print_table  # noqa: E402
+from lost import bench_lost, lost_targets  # noqa: E402
 from overhead import bench_overhead  # noqa: E402
 from resume_latency import bench_resume  # noqa: E402
 from savetime import bench_savecost, bench_savegap  # noqa: E402
@@ -76,7 +89,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny workloads, 1 repetition (smoke run)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--mb", type=int, default=256, help="size of the large model's variables")
-    parser.add_argument("--only", default="loop,savecost,savegap,position,finite,overhead,io,resume")
+    parser.add_argument(
+        "--only", default="loop,savecost,savegap,position,finite,overhead,io,resume,lost,lostbig,growth"
+    )
+    parser.add_argument("--growth-sizes", default="64,256,1024,2048", help="model sizes (MB) of section 7")
     parser.add_argument("--json", help="write the raw figures here")
     parser.add_argument(
         "--device",
@@ -106,8 +122,8 @@ def main():
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     wanted = args.only.split(",")
-    if gpus and "d2h" not in wanted and args.device == "gpu":
-        wanted.append("d2h")
+    if gpus and args.device == "gpu":  # the first machine with a GPU gives these with one command
+        wanted += [w for w in ("d2h", "lost", "lostbig") if w not in wanted]
     device = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else "CPU"
     print(
         f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, running on {device}"
@@ -164,6 +180,15 @@ def main():
             out["resume"] = bench_resume(args, tmp)
             print_table("4. resume latency", out["resume"], "hand-written CheckpointManager restore")
             out["targets"] += check_targets("resume", out["resume"])
+        if "lost" in wanted:
+            out["lost"] = bench_lost(args, tmp, "mlp")
+            out["targets"] += lost_targets(out["lost"])
+        if "lostbig" in wanted:
+            out["lostbig"] = bench_lost(args, tmp, "big")
+            out["targets"] += lost_targets(out["lostbig"])
+        if "growth" in wanted:
+            out["growth"] = bench_growth(args, tmp)
+            out["targets"] += growth_targets(out["growth"])
         if "d2h" in wanted:
             if not gpus:
                 print("\n  (no GPU: section 5 copies host to host here; its figures check the code, not a GPU)")

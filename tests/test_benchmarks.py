@@ -21,7 +21,7 @@ def test_benchmarks_quick_smoke_run(tmp_path):
             "--json",
             str(out),
             "--only",
-            "loop,savecost,savegap,position,finite,overhead,io,resume,d2h",
+            "loop,savecost,savegap,position,finite,overhead,io,resume,d2h,lost",
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -40,10 +40,23 @@ def test_benchmarks_quick_smoke_run(tmp_path):
         "3. save/restore throughput",
         "4. resume latency",
         "5. CPU: blocking part of an async save",  # no GPU in CI: the code path, host to host
+        "6. work lost per kill -9 against overhead",
     ):
         assert title in proc.stdout
     figures = json.loads(out.read_text())
-    assert set(figures) >= {"loop", "savecost", "savegap", "position", "finite", "overhead", "io", "resume", "d2h"}
+    assert set(figures) >= {
+        "loop",
+        "savecost",
+        "savegap",
+        "position",
+        "finite",
+        "overhead",
+        "io",
+        "resume",
+        "d2h",
+        "lost",
+    }
+    assert all(r["rate"] > 0 and r["median_lost"] >= 0 for runs in figures["lost"]["runs"].values() for r in runs)
     assert all(r["bytes"] > 0 and r["snapshot_ms"] > 0 for r in figures["position"]["rows"])
     assert all(between > 0 for runs in figures["savegap"]["runs"].values() for between, _ in runs)
     assert all(v > 0 for runs in figures["d2h"]["runs"].values() for v in runs)

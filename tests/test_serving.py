@@ -234,6 +234,7 @@ def saved_model_cli(exports, tmp_path_factory):
     return out
 
 
+@pytest.mark.xdist_group("serving_exports")  # one worker builds the exports fixture, not both
 @pytest.mark.parametrize("kind", KINDS)
 def test_saved_model_cli_shows_and_runs_the_export(exports, saved_model_cli, kind):
     _, _, live = exports[kind]
@@ -276,6 +277,7 @@ def _predict_with_session_loader(path, request):
     return response
 
 
+@pytest.mark.xdist_group("serving_exports")  # one worker builds the exports fixture, not both
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_predict_request_built_from_the_signature_def(exports, kind):
     from tensorflow_serving.apis import predict_pb2
@@ -297,6 +299,7 @@ def test_a_predict_request_built_from_the_signature_def(exports, kind):
         _assert_served(got, live[name])
 
 
+@pytest.mark.xdist_group("serving_exports")  # one worker builds the exports fixture, not both
 @pytest.mark.parametrize("kind", KINDS)
 def test_keras_tfsm_layer_reloads_the_export(exports, kind):
     path, x, live = exports[kind]
@@ -307,6 +310,7 @@ def test_keras_tfsm_layer_reloads_the_export(exports, kind):
         _assert_served(got, live[name])
 
 
+@pytest.mark.xdist_group("serving_exports")  # one worker builds the exports fixture, not both
 @pytest.mark.parametrize("kind", ["functional", "mobilenet"])
 def test_keras_exports_keep_the_checkpoint_paths_and_are_not_stored_twice(exports, kind):
     path, _, _ = exports[kind]
@@ -332,6 +336,7 @@ def test_keras_exports_keep_the_checkpoint_paths_and_are_not_stored_twice(export
     assert stored == model_bytes
 
 
+@pytest.mark.xdist_group("serving_exports")  # one worker builds the exports fixture, not both
 def test_the_export_records_its_check(exports):
     path, _, _ = exports["mobilenet"]
     info = export_lib.read_export_info(path)
