@@ -10,13 +10,16 @@ What one save costs the training loop is measured in the training thread:
 
 - the time the save call itself blocks training (the finite check, the window read, the
   data position's snapshot and the copy of the variables); and
-- the slowdown of the loop calls that run while the background writer works: each such call's
-  time beyond its steps at the step time measured while no writer ran.
+- the slowdown of the loop calls that run while the background writer works: those calls'
+  time beyond their steps at the step time measured while no writer ran (summed with its sign,
+  so that the machine's noise averages out instead of adding up; a save's total is never
+  below zero).
 
-The step time is the median of the recent calls without a writer (the first call of a launch,
-which traces the loop, is left out). The cost is the median of the last few saves, so one slow
-disk write moves the period for a few saves, not for ever; a heavier model, a slower disk or a
-busier machine shows up within a few saves. A save is never started while the previous one is
+The step time is the mean of the recent calls without a writer (the first call of a launch,
+which traces the loop, is left out): a mean, as the slowdown it is compared with is a sum.
+The cost is the median of the last few saves, so one slow disk write moves the period for a
+few saves, not for ever; a heavier model, a slower disk or a busier machine shows up within a
+few saves. A save is never started while the previous one is
 still being written (one in flight), so the period is also at least the time a save takes to
 reach the disk.
 
@@ -58,7 +61,11 @@ class _Save:
 
     step: int
     blocking: float
-    slowdown: float = 0.0
+    excess: float = 0.0  # the calls' time beyond the quiet pace while written, with its sign
+
+    @property
+    def slowdown(self) -> float:
+        return max(0.0, self.excess)
 
     @property
     def cost(self) -> float:
@@ -92,9 +99,7 @@ class SaveBudget:
         if self._writing:
             base = self.step_seconds
             if base is not None:  # its time beyond the steps at the quiet pace
-                extra = max(0.0, seconds - steps * base)
-                self._writing[-1].slowdown += extra
-                self.cost_seconds += extra
+                self._writing[-1].excess += seconds - steps * base
         elif self._calls > 1:  # the first call traces the loop
             self._step_times.append(seconds / steps)
 
@@ -111,6 +116,7 @@ class SaveBudget:
             if s.step == step:
                 done = self._writing.pop(i)
                 self._costs.append(done.cost)
+                self.cost_seconds += done.slowdown
                 if write_seconds:
                     self._writes.append(write_seconds)
                 self._report(done)
@@ -167,15 +173,11 @@ class SaveBudget:
             + ("" if period is None else f"; the period was {period:.1f}s at the end")
         )
 
-    def save_failed_or_skipped(self, step: int) -> None:
-        """The save of ``step`` was not written (refused, or it only updated metrics)."""
-        self._writing = [s for s in self._writing if s.step != step]
-
     # --- what it decides -------------------------------------------------------------------
 
     @property
     def step_seconds(self) -> float | None:
-        return statistics.median(self._step_times) if self._step_times else None
+        return statistics.fmean(self._step_times) if self._step_times else None
 
     @property
     def period(self) -> float | None:
