@@ -33,6 +33,7 @@ from workload_loop import MLPTrainer, mlp, small_data  # noqa: E402
 
 from ckptkit import checkpointer as checkpointer_lib  # noqa: E402
 from ckptkit import controller as controller_lib  # noqa: E402
+from ckptkit.save_budget import SaveBudget  # noqa: E402
 
 KILLS = 2000
 NONE = "no periodic save"
@@ -45,12 +46,26 @@ def baseline_of(name: str) -> str:
     return KERAS_NONE if name.startswith("Keras") else NONE
 
 
+class MeasuringOnly(SaveBudget):
+    """auto's measurements in a run that saves by another rule: what its saves cost the loop,
+    measured within the run (quiet calls against calls beside the writer), so that contenders
+    run one after the other on a noisy machine still compare; it decides nothing."""
+
+    def steps_until_due(self, now, last_save_time):
+        return None
+
+    def _report(self, done):
+        pass
+
+
 class Timeline:
-    """(time, steps done) after each call, and (time, step) of each complete checkpoint."""
+    """(time, steps done) after each call, and (time, step) of each complete checkpoint; and
+    what the saves cost the loop by the run's own measurement."""
 
     def __init__(self):
         self.marks: list[tuple[float, int]] = []
         self.saved: list[tuple[float, int]] = []
+        self.self_overhead = 0.0
 
     def steps_at(self, t: float) -> float:
         prev = (self.marks[0][0], 0)
@@ -109,6 +124,8 @@ def _ckptkit_run(trainer_cls, cfg_extra, steps, warmup, tmp, bench=None, per_loo
 
     def init(self, tr):
         real_init(self, tr)
+        if self.budget is None:
+            self.budget = MeasuringOnly(0.01)
         controllers.append(self)
 
     trainer._train_fn = timed
@@ -117,7 +134,9 @@ def _ckptkit_run(trainer_cls, cfg_extra, steps, warmup, tmp, bench=None, per_loo
         trainer.fit()
     finally:
         checkpointer_lib.Checkpointer._record, controller_lib.Controller.__init__ = real_record, real_init
-    return line, controllers[0].budget
+    budget = controllers[0].budget
+    line.self_overhead = budget.overhead or 0.0
+    return line, None if isinstance(budget, MeasuringOnly) else budget
 
 
 def _keras_run(model, loss, data, steps, warmup, save_freq, tmp) -> Timeline:
@@ -136,10 +155,22 @@ def _keras_run(model, loss, data, steps, warmup, save_freq, tmp) -> Timeline:
                 line.saved.append((now, done[0]))
 
     callbacks: list = [Marks()]
+    in_saves = [0.0]
     if save_freq:
         where = os.path.join(tempfile.mkdtemp(dir=tmp), "backup")
-        callbacks.insert(0, tf.keras.callbacks.BackupAndRestore(where, save_freq=save_freq, delete_checkpoint=False))
+        backup = tf.keras.callbacks.BackupAndRestore(where, save_freq=save_freq, delete_checkpoint=False)
+        real_end = backup.on_train_batch_end
+
+        def timed_end(batch, logs=None):  # its saves are synchronous: their time is their cost
+            t0 = time.perf_counter()
+            real_end(batch, logs)
+            in_saves[0] += time.perf_counter() - t0
+
+        backup.on_train_batch_end = timed_end
+        callbacks.insert(0, backup)
+    began = time.perf_counter()
     model.fit(data, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=callbacks)
+    line.self_overhead = in_saves[0] / (time.perf_counter() - began - in_saves[0])
     return line
 
 
@@ -148,6 +179,7 @@ def _measure(line: Timeline, warmup: int, steps: int, rng: random.Random) -> dic
     lost = [line.lost(rng.uniform(t0, t1)) for _ in range(KILLS)]
     saves = sum(1 for when, _ in line.saved if t0 <= when <= t1)
     return {
+        "self_overhead": line.self_overhead,
         "rate": (s1 - s0) / (t1 - t0),
         "median_lost": statistics.median(lost),
         "worst_lost": max(lost),
@@ -222,7 +254,7 @@ def _print(workload, out, args):
     title = "workload 1's MLP" if workload == "mlp" else f"a {args.mb} MB model"
     print(f"\n6. work lost per kill -9 against overhead, {title}  (median of {args.reps}; {KILLS} kills a run)")
     print(
-        f"  {'contender':44} {'steps/s':>9} {'overhead':>9} {'spread':>7} "
+        f"  {'contender':44} {'steps/s':>9} {'overhead':>9} {'spread':>7} {'measured':>9} "
         f"{'lost: median':>13} {'worst':>8} {'saves/min':>9}"
     )
     for name, reps in runs.items():
@@ -232,6 +264,7 @@ def _print(workload, out, args):
         own = statistics.median(r["rate"] for r in runs[baseline_of(name)])
         print(
             f"  {name:44} {rate:9.1f} {1 - rate / own:9.2%} {spread:6.0%}  "
+            f"{statistics.median(r['self_overhead'] for r in reps):9.2%} "
             f"{statistics.median(r['median_lost'] for r in reps):13.0f} "
             f"{statistics.median(r['worst_lost'] for r in reps):8.0f} "
             f"{statistics.median(r['saves_per_min'] for r in reps):9.1f}"
@@ -240,6 +273,7 @@ def _print(workload, out, args):
     if cost:
         print(
             f"  {'every 5 min (modelled)':44} {base * (1 - cost / 300):9.1f} {cost / 300:9.2%} {'':7}  "
+            f"{cost / 300:9.2%} "
             f"{base * 150:13.0f} {base * 300:8.0f} {0.2:9.1f}"
         )
         print(f"  auto measured one save's cost to the loop at {cost:.3f} s (median)")
@@ -255,41 +289,36 @@ def _print(workload, out, args):
 
 
 def lost_targets(out: dict) -> list[dict]:
-    """Auto's overhead within its budget (with the repetitions' noise: the larger of their
-    spreads and half a percent), and auto at 2% losing less per kill (median) than each fixed
-    period whose overhead (against its own framework without saves) is as large or larger."""
+    """Judged on the overhead each run measures of its own saves ("measured": the loop's
+    calls beside the writer against its quiet calls, plus the time saves block it), which
+    contenders run one after the other share no drift of the machine with: auto within its
+    budget, with half a percent for the first save of a launch, which measures the cost; and
+    auto at 2% losing less per kill (median) than each fixed period that costs as much or more.
+    The throughput ratios are printed too, but on a noisy machine they do not resolve 1-2%."""
     runs = out["runs"]
 
-    def rate(name):
-        return statistics.median(r["rate"] for r in runs[name])
-
-    def overhead(name):
-        return 1 - rate(name) / rate(baseline_of(name))
+    def measured(name):
+        return statistics.median(r["self_overhead"] for r in runs[name])
 
     def lost(name):
         return statistics.median(r["median_lost"] for r in runs[name])
 
-    def noise(name):
-        own = baseline_of(name)
-        spreads = [(max(v) - min(v)) / 2 / rate(n) for n in (name, own) for v in [[r["rate"] for r in runs[n]]]]
-        return max(0.005, *spreads)
-
     results = []
     for name, budget in (("auto, budget 1%", 0.01), ("auto, budget 2%", 0.02)):
-        met = overhead(name) <= budget + noise(name)
-        results.append({"contender": name, "target": f"overhead <= {budget:.0%}", "value": overhead(name), "met": met})
+        met = measured(name) <= budget + 0.005
+        results.append({"contender": name, "target": f"overhead <= {budget:.0%}", "value": measured(name), "met": met})
         print(
-            f"  target: {name}: overhead {overhead(name):.2%} <= {budget:.0%} "
-            f"(+ noise {noise(name):.1%}) {'met' if met else 'MISSED'}"
+            f"  target: {name}: measured overhead {measured(name):.2%} <= {budget:.0%} + 0.5% "
+            f"{'met' if met else 'MISSED'}"
         )
     auto = "auto, budget 2%"
     for name in runs:
-        if name in (NONE, KERAS_NONE) or name.startswith("auto") or overhead(name) < overhead(auto):
+        if name in (NONE, KERAS_NONE) or name.startswith("auto") or measured(name) < measured(auto):
             continue
         met = lost(auto) < lost(name)
         results.append({"contender": auto, "baseline": name, "target": "lost per kill less", "met": met})
         print(
-            f"  target: {auto} loses less per kill than {name} (overhead {overhead(name):.2%}): "
+            f"  target: {auto} loses less per kill than {name} (measured overhead {measured(name):.2%}): "
             f"{lost(auto):.0f} < {lost(name):.0f} steps {'met' if met else 'MISSED'}"
         )
     return results

@@ -133,6 +133,34 @@ class Window:
     first_bad: int | None
 
 
+def _tally_start(names):
+    """The loop-carried tallies before a call's first step: metric sums over finite steps,
+    finite and non-finite counts, the first non-finite step (-1: none)."""
+    zero = tf.constant(0, tf.int64)
+    return {k: tf.zeros([], tf.float32) for k in names}, zero, zero, tf.constant(-1, tf.int64)
+
+
+def _tally(acc, out, step):
+    """Add one step's metrics ``out`` (at global step ``step``) to the tallies ``acc``."""
+    sums, finite_steps, bad_steps, first_bad = acc
+    finite = tf.reduce_all(tf.math.is_finite(tf.stack([out[k] for k in sorted(out)])))
+    sums = {k: sums[k] + tf.where(finite, out[k], 0.0) for k in sums}
+    first_bad = tf.where(tf.logical_or(finite, first_bad >= 0), first_bad, step)
+    return sums, finite_steps + tf.cast(finite, tf.int64), bad_steps + 1 - tf.cast(finite, tf.int64), first_bad
+
+
+def _tally_result(acc):
+    """A call's result: the means over its finite steps, and the tallies."""
+    sums, finite_steps, bad_steps, first_bad = acc
+    n = tf.cast(tf.maximum(finite_steps, 1), tf.float32)
+    return {
+        **{k: v / n for k, v in sums.items()},
+        FINITE_STEPS: finite_steps,
+        BAD_STEPS: bad_steps,
+        FIRST_BAD: first_bad,
+    }
+
+
 class TrainLoop:
     """Runs ``n >= 1`` train steps on ``iterator`` per call: ``loop(n)`` -> mean metrics.
 
@@ -170,50 +198,28 @@ class TrainLoop:
             global_step.assign_add(1)
             return out, global_step.read_value()
 
-        def tally(acc, out, step):
-            """Add one step to the loop-carried tallies: sums over finite steps, counts, first bad."""
-            sums, finite_steps, bad_steps, first_bad = acc
-            finite = tf.reduce_all(tf.math.is_finite(tf.stack([out[k] for k in sorted(out)])))
-            sums = {k: sums[k] + tf.where(finite, out[k], 0.0) for k in sums}
-            first_bad = tf.where(tf.logical_or(finite, first_bad >= 0), first_bad, step)
-            return sums, finite_steps + tf.cast(finite, tf.int64), bad_steps + 1 - tf.cast(finite, tf.int64), first_bad
-
-        def result(acc):
-            sums, finite_steps, bad_steps, first_bad = acc
-            n = tf.cast(tf.maximum(finite_steps, 1), tf.float32)
-            return {
-                **{k: v / n for k, v in sums.items()},
-                FINITE_STEPS: finite_steps,
-                BAD_STEPS: bad_steps,
-                FIRST_BAD: first_bad,
-            }
-
-        def start(names):
-            zero = tf.constant(0, tf.int64)
-            return {k: tf.zeros([], tf.float32) for k in names}, zero, zero, tf.constant(-1, tf.int64)
-
         def single():
             out, step = one()
-            return result(tally(start(sorted(out)), out, step))
+            return _tally_result(_tally(_tally_start(sorted(out)), out, step))
 
         def many(num_steps):
             out, step = one()
-            acc = tally(start(sorted(out)), out, step)
+            acc = _tally(_tally_start(sorted(out)), out, step)
             for _ in tf.range(num_steps - 1):
                 if stop is not None and stop.read_value():
                     break
                 out, step = one()
-                acc = tally(acc, out, step)
-            return result(acc)
+                acc = _tally(acc, out, step)
+            return _tally_result(acc)
 
         def coordinated(num_steps):
-            acc = start(self._metric_names())
+            acc = _tally_start(self._metric_names())
             for _ in tf.range(num_steps):
                 if dist.any_true(stop):
                     break
                 out, step = one()
-                acc = tally(acc, out, step)
-            return result(acc)
+                acc = _tally(acc, out, step)
+            return _tally_result(acc)
 
         self._coordinated = dist is not None and dist.multi_worker and stop is not None
         self._one = tf.function(single)

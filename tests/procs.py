@@ -23,6 +23,20 @@ def run(run_dir, *overrides, timeout=300):
     return proc.returncode, proc.stdout
 
 
+def run_command(args, *, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run ``args`` (``sys.executable`` goes first) in ``cwd``: its exit code and its
+    stdout and stderr together, as a user sees them."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env if env is not None else ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def result_of(output):
     lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
     assert lines, output[-3000:]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from conftest import REPO, own_project_block, steps_on_disk
-from procs import wait_for_line
+from procs import run_command, wait_for_line
 
 from ckptkit import cli, metadata
 
@@ -17,13 +17,10 @@ EXAMPLE = os.path.join(REPO, "examples", "digits.py")
 
 def run_example(cwd, *overrides):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", HYDRA_FULL_ERROR="0")
-    proc = subprocess.run(
-        [sys.executable, EXAMPLE, *overrides],
+    proc = run_command(
+        [EXAMPLE, *overrides],
         cwd=cwd,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=600,
     )
     return proc.returncode, proc.stdout
@@ -101,9 +98,8 @@ def test_help_lists_commands(capsys):
 @pytest.mark.slow
 def test_transfer_example_pretrains_and_fine_tunes(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(
+    proc = run_command(
         [
-            sys.executable,
             os.path.join(REPO, "examples", "transfer.py"),
             "trainer.max_steps=100",
             "finetune.max_steps=60",
@@ -112,10 +108,6 @@ def test_transfer_example_pretrains_and_fine_tunes(tmp_path):
         ],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
     out = proc.stdout
@@ -159,13 +151,10 @@ def test_a_sweep_interrupted_and_relaunched_finishes_every_job_in_its_own_direct
 
 def test_the_slurm_launcher_config_composes(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(
-        [sys.executable, EXAMPLE, "hydra/launcher=slurm", "--cfg", "hydra"],
+    proc = run_command(
+        [EXAMPLE, "hydra/launcher=slurm", "--cfg", "hydra"],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -197,13 +186,10 @@ def test_your_own_project_from_the_readme_runs_outside_the_repository(tmp_path):
     (tmp_path / "config.yaml").write_text(own_project_block("# Your own project", "yaml"))
     (tmp_path / "train.py").write_text(own_project_block("`train.py`, next to it:", "python"))
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
-    proc = subprocess.run(
-        [sys.executable, "train.py", "export.verify=false"],
+    proc = run_command(
+        ["train.py", "export.verify=false"],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -333,21 +319,10 @@ def test_a_sweep_of_the_own_project_resumes_every_job_with_more_steps(tmp_path):
     (tmp_path / "train.py").write_text(own_project_block("`train.py`, next to it:", "python"))
 
     def sweep(steps):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "train.py",
-                "-m",
-                "optim.lr=0.01,0.02",
-                f"trainer.max_steps={steps}",
-                "export.enabled=false",
-            ],
+        proc = run_command(
+            ["train.py", "-m", "optim.lr=0.01,0.02", f"trainer.max_steps={steps}", "export.enabled=false"],
             cwd=tmp_path,
             env=dict(os.environ, HYDRA_FULL_ERROR="1"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=600,
         )
         assert proc.returncode == 0, proc.stdout[-3000:]
         return proc.stdout
@@ -365,13 +340,10 @@ def test_a_sweep_of_the_own_project_resumes_every_job_with_more_steps(tmp_path):
 def test_run_dir_that_is_a_file_is_one_message(tmp_path):
     (tmp_path / "config.yaml").write_text(own_project_block("# Your own project", "yaml"))
     (tmp_path / "train.py").write_text(own_project_block("`train.py`, next to it:", "python"))
-    proc = subprocess.run(
-        [sys.executable, "train.py", "run_dir=train.py"],
+    proc = run_command(
+        ["train.py", "run_dir=train.py"],
         cwd=tmp_path,
         env=dict(os.environ, HYDRA_FULL_ERROR="0"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=600,
     )
     assert proc.returncode == 1, proc.stdout[-3000:]
@@ -390,13 +362,10 @@ def test_the_cli_hides_tensorflows_start_up_lines_and_logs_each_line_once(tmp_pa
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     outputs = {}
     for command in (["ls", str(run)], ["inspect", str(run)], ["export", str(run)]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "ckptkit.cli", *command],
+        proc = run_command(
+            ["-m", "ckptkit.cli", *command],
             cwd=REPO,
             env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
             timeout=300,
         )
         assert proc.returncode == 0, proc.stdout[-3000:]

@@ -3,11 +3,10 @@ with one mistake each; every one is refused before training in a few lines namin
 with no traceback."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 from conftest import own_project_block
+from procs import run_command
 
 EVAL = """
     def eval_dataset(self):
@@ -61,13 +60,10 @@ def test_each_hook_mistake_is_a_few_lines_naming_it(tmp_path, mistake):
     (tmp_path / "config.yaml").write_text(own_project_block("# Your own project", "yaml"))
     src = edit(own_project_block("`train.py`, next to it:", "python"))
     (tmp_path / "train.py").write_text(src)
-    proc = subprocess.run(
-        [sys.executable, "train.py", "export.verify=false", *overrides],
+    proc = run_command(
+        ["train.py", "export.verify=false", *overrides],
         cwd=tmp_path,
         env=dict(os.environ, HYDRA_FULL_ERROR="0"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=600,
     )
     out = proc.stdout
