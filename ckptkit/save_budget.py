@@ -17,11 +17,10 @@ What one save costs the training loop is measured in the training thread:
 
 The step time is the mean of the recent calls without a writer (the first call of a launch,
 which traces the loop, is left out): a mean, as the slowdown it is compared with is a sum.
-The cost is the median of the last few saves, so one slow disk write moves the period for a
-few saves, not for ever; a heavier model, a slower disk or a busier machine shows up within a
-few saves. A save is never started while the previous one is
-still being written (one in flight), so the period is also at least the time a save takes to
-reach the disk.
+The cost is the median of the last 9 saves: one slow disk write does not move the period, and
+a heavier model, a slower disk or a busier machine moves it within 5 saves. A save is never
+started while the previous one is still being written (one in flight), so the period is also
+at least the time a save takes to reach the disk.
 
 Every save counts (the periodic ones of other rules, a new best, a signal's): when another
 rule saves more often than the budget allows, auto adds no saves of its own and the measured
@@ -47,8 +46,10 @@ AUTO = "auto"
 DEFAULT_MAX_OVERHEAD = 0.02
 #: How many recent loop calls (without a writer) give the step time.
 STEP_WINDOW = 16
-#: How many recent saves give the cost and the write time.
-SAVE_WINDOW = 5
+#: How many recent saves give the cost and the write time. A lasting change moves the median
+#: within half of them; a shorter window lets the noise of single saves jitter the period,
+#: and a jittering period loses more work per kill than a steady one of the same mean.
+SAVE_WINDOW = 9
 #: The writer is idle between two saves for at least this fraction of a write.
 WRITE_MARGIN = 0.25
 #: A new period is logged when it moved by more than this factor since the last one logged.
@@ -141,7 +142,7 @@ class SaveBudget:
                 done.slowdown,
                 100 * self.max_overhead,
             )
-        if overhead is not None and self.saves >= 2 * SAVE_WINDOW and overhead > 1.5 * self.max_overhead:
+        if overhead is not None and self.saves >= SAVE_WINDOW and overhead > 1.5 * self.max_overhead:
             if not self._warned:
                 self._warned = True
                 log.warning(

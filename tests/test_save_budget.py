@@ -67,17 +67,21 @@ def test_the_first_save_is_due_once_the_step_time_is_known_and_none_while_one_is
 def test_the_period_follows_a_heavier_save_within_a_few_saves_and_one_outlier_does_not_move_it():
     b = SaveBudget(0.02)
     quiet_calls(b)
-    for step in range(1, 6):
+    step = 0
+    for _ in range(save_budget.SAVE_WINDOW):
+        step += 1
         b.save_started(step, blocking=0.1)
         b.save_written(step, write_seconds=0.2)
     assert b.period == pytest.approx(5.0)
-    b.save_started(6, blocking=3.0)  # one slow save
-    b.save_written(6, write_seconds=3.5)
+    b.save_started(step + 1, blocking=3.0)  # one slow save
+    b.save_written(step + 1, write_seconds=3.5)
     assert b.period == pytest.approx(5.0)
-    for step in range(7, 10):  # the model grew: every save now costs 0.4 s
-        b.save_started(step, blocking=0.4)
-        b.save_written(step, write_seconds=0.6)
+    first = step + 2
+    for heavier in range(first, first + save_budget.SAVE_WINDOW // 2 + 1):  # every save now costs 0.4 s
+        b.save_started(heavier, blocking=0.4)
+        b.save_written(heavier, write_seconds=0.6)
     assert b.period == pytest.approx(20.0)
+    assert save_budget.SAVE_WINDOW // 2 + 1 <= 5  # "within a few saves"
 
 
 def test_measured_overhead_and_the_warning_when_other_rules_save_too_often(caplog):
