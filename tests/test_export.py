@@ -1,6 +1,7 @@
 """SavedModel export: versions, the checkpoint it came from, loading in a fresh process."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -156,7 +157,7 @@ def test_named_signatures_in_a_fresh_process(toy_cfg, tmp_path):
     assert "max_steps: 20" in config
 
 
-def test_cli_export_of_a_finished_run_from_another_directory(tmp_path, monkeypatch, capsys, caplog):
+def test_cli_export_of_a_finished_run_from_another_directory(tmp_path, monkeypatch, capsys):
     from conftest import make_cfg
 
     from ckptkit import cli
@@ -175,6 +176,11 @@ def test_cli_export_of_a_finished_run_from_another_directory(tmp_path, monkeypat
     )
     monkeypatch.chdir(tmp_path)
     ToyTrainer(cfg).fit()  # no export during training (export.enabled=false)
+    # The CLI gives the ckptkit logger a stderr handler of its own when it has none (as in a
+    # fresh process): start from none, whatever ran before in this worker, and put it back.
+    logger = logging.getLogger("ckptkit")
+    for attr, value in (("handlers", []), ("propagate", True), ("level", logger.level)):
+        monkeypatch.setattr(logger, attr, value)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -190,10 +196,10 @@ def test_cli_export_of_a_finished_run_from_another_directory(tmp_path, monkeypat
     assert "signature 'serving_default'" in capsys.readouterr().out
     # Again: the same checkpoint and signatures give the same version, and the log says so;
     # --force writes a new one.
-    caplog.set_level("INFO", "ckptkit")
     assert cli.main(["export", str(tmp_path / "relative" / "run")]) == 0
-    assert capsys.readouterr().out.strip() == best_path
-    assert "reusing export 1 (same checkpoint, same signatures)" in caplog.text
+    captured = capsys.readouterr()
+    assert captured.out.strip() == best_path
+    assert "ckptkit: reusing export 1 (same checkpoint, same signatures)" in captured.err
     assert cli.main(["export", str(tmp_path / "relative" / "run"), "--force"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "relative" / "run" / "export" / "2")
     assert export_lib.read_export_info(str(tmp_path / "relative" / "run" / "export" / "2"))["step"] == 5

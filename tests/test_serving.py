@@ -129,7 +129,7 @@ TF_KERAS_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, however the tests interleave
 def exports(tmp_path_factory):
     """kind -> (export path, a batch, what the live model gives for it by signature)."""
     import pickle
@@ -192,7 +192,7 @@ SAVED_MODEL_CLI = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, however the tests interleave
 def saved_model_cli(exports, tmp_path_factory):
     """kind -> (``show --all`` stdout, ``run`` outputs of serving_default by name)."""
     root = tmp_path_factory.mktemp("saved_model_cli")
@@ -234,7 +234,6 @@ def saved_model_cli(exports, tmp_path_factory):
     return out
 
 
-@pytest.mark.xdist_group("serving_exports")  # one worker builds the exports fixture, not both
 @pytest.mark.parametrize("kind", KINDS)
 def test_saved_model_cli_shows_and_runs_the_export(exports, saved_model_cli, kind):
     _, _, live = exports[kind]
@@ -277,7 +276,6 @@ def _predict_with_session_loader(path, request):
     return response
 
 
-@pytest.mark.xdist_group("serving_exports")  # one worker builds the exports fixture, not both
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_predict_request_built_from_the_signature_def(exports, kind):
     from tensorflow_serving.apis import predict_pb2
@@ -299,7 +297,6 @@ def test_a_predict_request_built_from_the_signature_def(exports, kind):
         _assert_served(got, live[name])
 
 
-@pytest.mark.xdist_group("serving_exports")  # one worker builds the exports fixture, not both
 @pytest.mark.parametrize("kind", KINDS)
 def test_keras_tfsm_layer_reloads_the_export(exports, kind):
     path, x, live = exports[kind]
@@ -310,7 +307,6 @@ def test_keras_tfsm_layer_reloads_the_export(exports, kind):
         _assert_served(got, live[name])
 
 
-@pytest.mark.xdist_group("serving_exports")  # one worker builds the exports fixture, not both
 @pytest.mark.parametrize("kind", ["functional", "mobilenet"])
 def test_keras_exports_keep_the_checkpoint_paths_and_are_not_stored_twice(exports, kind):
     path, _, _ = exports[kind]
@@ -336,7 +332,6 @@ def test_keras_exports_keep_the_checkpoint_paths_and_are_not_stored_twice(export
     assert stored == model_bytes
 
 
-@pytest.mark.xdist_group("serving_exports")  # one worker builds the exports fixture, not both
 def test_the_export_records_its_check(exports):
     path, _, _ = exports["mobilenet"]
     info = export_lib.read_export_info(path)
