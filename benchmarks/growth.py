@@ -23,6 +23,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
+from harness import disk_write_seconds  # noqa: E402
 
 import ckptkit  # noqa: E402
 from ckptkit.metadata import fsync_checkpoint  # noqa: E402
@@ -53,13 +54,7 @@ def _contenders(mb: int, tmp: str) -> dict:
 
     def disk():
         path = os.path.join(tmp, "disk.bin")
-        t0 = time.perf_counter()
-        with open(path, "wb") as f:
-            for _ in range(nbytes >> 20):
-                f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        seconds = time.perf_counter() - t0
+        seconds = disk_write_seconds(path, nbytes, payload)
         os.remove(path)
         return mbps(seconds)
 
@@ -90,7 +85,8 @@ def bench_growth(args, tmp) -> dict:
     rows = {}
     for mb in sizes:
         contenders, kits = _contenders(mb, tmp)
-        for fn in contenders.values():  # warm-up: traces, first files, page cache
+        for fn in contenders.values():  # warm-up: traces (TensorFlow traces an async save's copy
+            fn()  # on its first and its second save), first files, page cache
             fn()
         runs: dict[str, list] = {name: [] for name in contenders}
         for _ in range(args.reps):

@@ -5,8 +5,21 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def disk_write_seconds(path, nbytes, payload):
+    """The disk's own sequential write of ``nbytes`` (``payload``, 1 MB, over and over) to
+    ``path``, then fsync: the seconds it took."""
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(nbytes >> 20):
+            f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    return time.perf_counter() - t0
 
 
 def run_alternating(contenders, reps, unit, extra=None):

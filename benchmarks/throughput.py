@@ -10,7 +10,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
-from harness import run_alternating  # noqa: E402
+from harness import disk_write_seconds, run_alternating  # noqa: E402
 
 import ckptkit  # noqa: E402
 from ckptkit.metadata import fsync_checkpoint  # noqa: E402
@@ -51,14 +51,7 @@ def bench_io(args, tmp):
         return nbytes / (time.perf_counter() - t0) / 2**20
 
     def disk_write():
-        path = os.path.join(tmp, "disk.bin")
-        t0 = time.perf_counter()
-        with open(path, "wb") as f:
-            for _ in range(nbytes >> 20):
-                f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        return nbytes / (time.perf_counter() - t0) / 2**20
+        return nbytes / disk_write_seconds(os.path.join(tmp, "disk.bin"), nbytes, payload) / 2**20
 
     def disk_read():
         uncached()
