@@ -22,6 +22,26 @@ def disk_write_seconds(path, nbytes, payload):
     return time.perf_counter() - t0
 
 
+def bench_cfg(run_dir, *, max_steps, steps_per_loop, log_every_steps, checkpoint, bench=None):
+    """The Trainer config every benchmark run uses: no eval, no export, log-only progress."""
+    cfg = {
+        "name": "bench",
+        "run_dir": run_dir,
+        "trainer": {
+            "max_steps": max_steps,
+            "steps_per_loop": steps_per_loop,
+            "eval_every_steps": None,
+            "log_every_steps": log_every_steps,
+            "progress": "log",
+        },
+        "checkpoint": checkpoint,
+        "export": {"enabled": False},
+    }
+    if bench is not None:
+        cfg["bench"] = bench
+    return cfg
+
+
 def run_alternating(contenders, reps, unit, extra=None):
     results = {name: [] for name in contenders}
     for _ in range(reps):

@@ -28,8 +28,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
+from harness import bench_cfg  # noqa: E402
 from overhead import BigTrainer, big_data, big_model  # noqa: E402
-from workload_loop import MLPTrainer, mlp, small_data  # noqa: E402
+from workload_loop import MLPTrainer, mark_calls, mlp, small_data  # noqa: E402
 
 from ckptkit import checkpointer as checkpointer_lib  # noqa: E402
 from ckptkit import controller as controller_lib  # noqa: E402
@@ -90,31 +91,16 @@ class Timeline:
 def _ckptkit_run(trainer_cls, cfg_extra, steps, warmup, tmp, bench=None, per_loop=100) -> tuple[Timeline, object]:
     """A ckptkit run's timeline, and its SaveBudget (None without auto)."""
     line = Timeline()
-    cfg = {
-        "name": "bench",
-        "run_dir": tempfile.mkdtemp(dir=tmp),
-        "trainer": {
-            "max_steps": warmup + steps,
-            "steps_per_loop": per_loop,
-            "eval_every_steps": None,
-            "log_every_steps": 10**9,
-            "progress": "log",
-        },
-        "checkpoint": {"max_to_keep": 2, **cfg_extra},
-        "export": {"enabled": False},
-    }
-    if bench:
-        cfg["bench"] = bench
+    cfg = bench_cfg(
+        tempfile.mkdtemp(dir=tmp),
+        max_steps=warmup + steps,
+        steps_per_loop=per_loop,
+        log_every_steps=10**9,
+        checkpoint={"max_to_keep": 2, **cfg_extra},
+        bench=bench,
+    )
     trainer = trainer_cls(cfg)
-    trainer.build()
-    inner, done = trainer._train_fn, [0]
-
-    def timed(n):
-        out = inner(n)
-        done[0] += int(n)
-        line.marks.append((time.perf_counter(), done[0]))
-        return out
-
+    line.marks = mark_calls(trainer)
     real_record, real_init, controllers = checkpointer_lib.Checkpointer._record, controller_lib.Controller.__init__, []
 
     def record(self, info):
@@ -128,7 +114,6 @@ def _ckptkit_run(trainer_cls, cfg_extra, steps, warmup, tmp, bench=None, per_loo
             self.budget = MeasuringOnly(0.01)
         controllers.append(self)
 
-    trainer._train_fn = timed
     checkpointer_lib.Checkpointer._record, controller_lib.Controller.__init__ = record, init
     try:
         trainer.fit()

@@ -11,7 +11,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
-from harness import run_alternating  # noqa: E402
+from harness import bench_cfg, run_alternating  # noqa: E402
 from workload_loop import timed_fit  # noqa: E402
 
 import ckptkit  # noqa: E402
@@ -49,24 +49,18 @@ class BigTrainer(ckptkit.Trainer):
 
 
 def overhead_ckptkit(steps, warmup, save_every, mb, width, tmp, mode):
-    cfg = {
-        "name": "bench",
-        "run_dir": tempfile.mkdtemp(dir=tmp),
-        "trainer": {
-            "max_steps": warmup + steps,
-            "steps_per_loop": 10,
-            "eval_every_steps": None,
-            "log_every_steps": 10_000,
-            "progress": "log",
-        },
-        "checkpoint": {
+    cfg = bench_cfg(
+        tempfile.mkdtemp(dir=tmp),
+        max_steps=warmup + steps,
+        steps_per_loop=10,
+        log_every_steps=10_000,
+        checkpoint={
             "save_every_steps": save_every if mode != "none" else None,
             "async_save": mode == "async",
             "max_to_keep": 2,
         },
-        "export": {"enabled": False},
-        "bench": {"mb": mb, "width": width},
-    }
+        bench={"mb": mb, "width": width},
+    )
     trainer = BigTrainer(cfg)  # "none": no periodic save; the final one comes after the timing
     rate = timed_fit(trainer, warmup)
     if mode == "none":

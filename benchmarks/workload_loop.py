@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from harness import run_alternating  # noqa: E402
+from harness import bench_cfg, run_alternating  # noqa: E402
 
 import ckptkit  # noqa: E402
 
@@ -172,19 +172,26 @@ class MLPTrainer(ckptkit.Trainer):
         return {"loss": make_step(self.model, self.optimizer)(batch)}
 
 
-def timed_fit(trainer: ckptkit.Trainer, warmup: int) -> float:
-    """Steps/s of fit() from the first loop call that passes ``warmup`` to the end of the
-    loop: everything between loop calls (logging, policies, saves) counts."""
+def mark_calls(trainer: ckptkit.Trainer) -> list[tuple[float, int]]:
+    """Build ``trainer`` and record (time, steps done) after each of its loop calls, into the
+    list returned (no extra device reads per call: the hand-written loops make none either)."""
     trainer.build()
     inner, marks, done = trainer._train_fn, [], [0]
 
-    def timed(n):  # no extra device reads per call: the hand-written loops make none either
+    def timed(n):
         out = inner(n)
-        done[0] += n
+        done[0] += int(n)
         marks.append((time.perf_counter(), done[0]))
         return out
 
     trainer._train_fn = timed
+    return marks
+
+
+def timed_fit(trainer: ckptkit.Trainer, warmup: int) -> float:
+    """Steps/s of fit() from the first loop call that passes ``warmup`` to the end of the
+    loop: everything between loop calls (logging, policies, saves) counts."""
+    marks = mark_calls(trainer)
     trainer.fit()
     start = next(m for m in marks if m[1] >= warmup)
     return (marks[-1][1] - start[1]) / (marks[-1][0] - start[0])
@@ -195,20 +202,14 @@ def ckptkit_loop(steps, warmup, steps_per_loop, tmp, save_every=1000, shuffle="g
     whose async copy functions TensorFlow traces once per process (the second save's trace
     alone cost 50-90 ms here), as the loop's tracing is once."""
     warmup += 2 * (save_every or 0)
-    cfg = {
-        "name": "bench",
-        "run_dir": tempfile.mkdtemp(dir=tmp),
-        "trainer": {
-            "max_steps": warmup + steps,
-            "steps_per_loop": steps_per_loop,
-            "eval_every_steps": None,
-            "log_every_steps": 1000,
-            "progress": "log",
-        },
-        "checkpoint": {"save_every_steps": save_every, "async_save": async_save},
-        "export": {"enabled": False},
-        "bench": {"shuffle": shuffle},
-    }
+    cfg = bench_cfg(
+        tempfile.mkdtemp(dir=tmp),
+        max_steps=warmup + steps,
+        steps_per_loop=steps_per_loop,
+        log_every_steps=1000,
+        checkpoint={"save_every_steps": save_every, "async_save": async_save},
+        bench={"shuffle": shuffle},
+    )
     return timed_fit(MLPTrainer(cfg), warmup)
 
 
