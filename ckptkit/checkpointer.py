@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
-from ckptkit import checkpoint_files, checkpoint_restore, checkpoint_worker, metadata, transfer
+from ckptkit import checkpoint_files, checkpoint_restore, checkpoint_worker, local_tier, metadata, transfer
 from ckptkit._compat import (
     end_async_save_thread,
     mark_save_thread,
@@ -36,19 +36,19 @@ from ckptkit._compat import (
     patch_keras_checkpoint_children,
 )
 from ckptkit.checkpoint_book import CheckpointBook
+from ckptkit.checkpoint_upkeep import DirectoryUpkeep
+from ckptkit.checkpoint_view import CheckpointView
 from ckptkit.errors import (
     CheckpointSaveError,
     CkptkitError,
 )
 from ckptkit.iterator_state import IteratorCheckpoint, wrap_iterators
-from ckptkit.policies import (
-    CheckpointInfo,
-)
+from ckptkit.policies import CheckpointInfo
 
 log = logging.getLogger("ckptkit")
 
 
-class Checkpointer:
+class Checkpointer(CheckpointView, DirectoryUpkeep):
     """Newest-N plus best-K checkpoints of some trackables in one directory.
 
     ``trackables`` are the objects to save (``model=...``, ``optimizer=...``), as for
@@ -73,6 +73,10 @@ class Checkpointer:
         async_save: bool = True,
         worker_dir: str | None = None,
         fence: Callable[[], None] | None = None,
+        local_dir: str | None = None,
+        local_max_to_keep: int = local_tier.DEFAULT_MAX_TO_KEEP,
+        persist_every_seconds: float | None = local_tier.DEFAULT_PERSIST_EVERY_SECONDS,
+        persist_every_saves: int | None = None,
         **trackables,
     ):
         book = CheckpointBook(  # checks the retention arguments before anything is touched
@@ -93,28 +97,30 @@ class Checkpointer:
         # reads the chief's checkpoints in `directory` and writes nothing there.
         self.worker_dir = None if worker_dir is None else str(worker_dir)
         self._worker_saved: set = set()
+        if local_dir and worker_dir:
+            raise ValueError("a local tier (local_dir) is the chief's alone: a worker writes into worker_dir")
+        # A local tier (local_dir): saves go there, some are copied here (ckptkit.local_tier).
+        self.local = local_tier.below(
+            local_dir,
+            self.directory,
+            max_to_keep=local_max_to_keep,
+            persist_every_seconds=persist_every_seconds,
+            persist_every_saves=persist_every_saves,
+            fence=self._fence,
+        )
+        self._persist_wanted: set[int] = set()  # steps in flight whose files go to `directory` too
         if self.worker_dir:
             checkpoint_worker.prepare_worker_dir(self, self.worker_dir)
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.async_save = async_save
-        patch_keras_checkpoint_children()
-        if async_save:
-            patch_keras_async_checkpoint()
-        trackables = wrap_iterators(trackables)  # saved through IteratorCheckpoint (iterator_state.py)
-        self._iterators = [t for t in trackables.values() if isinstance(t, IteratorCheckpoint)]
-        self._trackables = dict(trackables)
+        self._checkpoint = self._track(trackables)
         self._layer_names_record: dict[str, str] | None = None
         #: What each save records of the training data (the Trainer's DataRecord, as JSON).
         self.data_record: dict | None = None
         #: Asked before a restore with the checkpoint's info: restore its data position too
         #: (True), start the data position afresh (False), or raise. None: always restore it.
         self.data_check: Callable[[CheckpointInfo], bool] | None = None
-        self._checkpoint = tf.train.Checkpoint(**trackables)
-        # TensorFlow's async saver creates `save_counter` on first use, so it is in async
-        # checkpoints; create it up front so sync and async checkpoints hold the same objects
-        # and a restore can insist that every value was used.
-        self._checkpoint.save_counter  # noqa: B018 - property access creates the variable
         self._lock = threading.Lock()  # one bookkeeping write at a time; the completed list
         self.book = book
         for c in metadata.scan(self.directory):
@@ -124,71 +130,76 @@ class Checkpointer:
         self._completed: list[CheckpointInfo] = []  # saves recorded since drain_completed()
         self._background_error: BaseException | None = None
 
-    # --- what is on disk -----------------------------------------------------------------
-
-    @property
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """The recorded checkpoints, oldest first (an async save counts once written)."""
-        return self.book.all()
-
-    @property
-    def latest(self) -> CheckpointInfo | None:
-        return self.book.latest
-
-    @property
-    def best(self) -> CheckpointInfo | None:
-        """The best checkpoint by ``best_metric`` (None without a metric or a finite value)."""
-        return self.book.best
-
-    @property
-    def retention(self):
-        return self.book.retention
-
-    @property
-    def best_keep(self) -> int:
-        return self.book.best_keep
-
-    def _forget_existing(self) -> None:
-        """A worker's view when the chief starts over (``checkpoint.resume=never``)."""
-        self.book.clear()
-
-    def best_value(self) -> float | None:
-        return self.book.best_value()
+    def _track(self, trackables: dict) -> tf.train.Checkpoint:
+        """The ``tf.train.Checkpoint`` of ``trackables`` (a data iterator is saved through
+        :class:`~ckptkit.iterator_state.IteratorCheckpoint`)."""
+        patch_keras_checkpoint_children()
+        if self.async_save:
+            patch_keras_async_checkpoint()
+        trackables = wrap_iterators(trackables)
+        self._iterators = [t for t in trackables.values() if isinstance(t, IteratorCheckpoint)]
+        self._trackables = dict(trackables)
+        checkpoint = tf.train.Checkpoint(**trackables)
+        # TensorFlow's async saver creates `save_counter` on first use, so it is in async
+        # checkpoints; create it up front so sync and async checkpoints hold the same objects
+        # and a restore can insist that every value was used.
+        checkpoint.save_counter  # noqa: B018 - property access creates the variable
+        return checkpoint
 
     # --- saving --------------------------------------------------------------------------
 
-    def save(self, step: int, metrics: Mapping[str, float] | None = None) -> str:
+    def save(self, step: int, metrics: Mapping[str, float] | None = None, persist: bool | None = None) -> str:
         """Write a checkpoint for ``step`` and return its path prefix.
 
         With ``async_save`` this returns once the variables are copied; the checkpoint is
         recorded (metadata, state file, retention) when its files are complete. A save for a
         step that already has a checkpoint only updates that checkpoint's metrics.
+
+        With a local tier the checkpoint is written there; ``persist=True`` also copies it to
+        ``directory`` (a best, last or signal's save), None leaves it to the persist rule
+        (``persist_every_seconds``, ``persist_every_saves``).
         """
         step = int(step)
         self._raise_background_error()
         self._fence()
         if self.worker_dir:
             return checkpoint_worker.save_as_worker(self, step, self.worker_dir)
+        if self.local is not None:
+            self.local.open()
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        existing = self.book.get(step)
+        existing = self._recorded(step)
         pending = self._pending
         if existing is None and pending is not None and pending.step == step:
             self.wait()
-            existing = self.book.get(step)
+            existing = self._recorded(step)
         if existing is not None:
             if metrics:
                 merged = dict(existing.metrics or {})
                 merged.update(metrics)
                 self._record(dataclasses.replace(existing, metrics=merged))
+            if persist and self.local is not None and self.book.get(step) is None:
+                self._persist(step)
             return existing.path
+        if self.local is not None and self.local.persist_due(bool(persist)):
+            self._persist_wanted.add(step)
         return self._write(step, metrics)
+
+    def _persist(self, step: int) -> None:
+        """Copy the local checkpoint of ``step`` to ``directory`` in the background; it is
+        recorded there once complete, and a failure surfaces at the next save or wait()."""
+        assert self.local is not None
+        self.local.persist(step, self._record, self._report_background)
+
+    def _report_background(self, exc: BaseException) -> None:
+        self._background_error = exc
 
     def _write(self, step: int, metrics: dict[str, float] | None) -> str:
         """Start writing a new checkpoint of ``step`` (in the background with ``async_save``);
         :meth:`_on_written` records it once its files are complete."""
-        prefix = metadata.checkpoint_prefix(self.directory, step)
-        tf.io.gfile.makedirs(self.directory)
-        self._clear_the_way(step)
+        directory = self.local.directory if self.local is not None else self.directory
+        prefix = metadata.checkpoint_prefix(directory, step)
+        tf.io.gfile.makedirs(directory)
+        checkpoint_files.clear_the_way(directory, step, self._fence)
         started = time.time()
         info = CheckpointInfo(
             step=step,
@@ -228,81 +239,15 @@ class Checkpointer:
             self._raise_background_error()
         return prefix
 
-    def data_position_bytes(self) -> int | None:
-        """What the data position of the latest save takes in the checkpoint (bytes)."""
-        frozen = [it._frozen.tensors for it in self._iterators if it._frozen.tensors is not None]
-        if not frozen:
-            return None
-        from ckptkit.data_position import position_bytes
-
-        return sum(position_bytes(t) for t in frozen)
-
-    def find(self, step: int) -> CheckpointInfo | None:
-        """The checkpoint of ``step``: recorded, or the save of it still in flight."""
-        found = self.book.get(step)
-        pending = self._pending
-        return found or (pending if pending is not None and pending.step == step else None)
-
-    def _move_aside(self, paths: list[str]) -> str:
-        return checkpoint_files.move_aside(self.directory, paths, self._fence)
-
-    def _clear_the_way(self, step: int) -> None:
-        checkpoint_files.clear_the_way(self.directory, step, self._fence)
-
-    def remove_leftovers(self) -> list[str]:
-        """Delete what saves interrupted by a crash left in the directory (see
-        :func:`ckptkit.checkpoint_files.remove_leftovers`). Call it only while no other
-        process saves here (the Trainer holds the run lock). Returns the paths removed."""
-        if self.worker_dir or self._pending is not None:
-            return []
-        return checkpoint_files.remove_leftovers(self.directory, self._fence)
-
-    def agree_state_file(self) -> bool:
-        """Make TensorFlow's state file list the recorded checkpoints (the chief, under the
-        run lock, at the start of a launch); see :func:`checkpoint_files.agree_state_file`."""
-        if self.worker_dir or self._pending is not None:
-            return False
-        return checkpoint_files.agree_state_file(self.directory, self.checkpoints, self._fence)
-
-    def _failure(self, prefix: str, exc: object) -> str:
-        return checkpoint_files.failure(self.directory, prefix, exc, self.needed_bytes())
-
-    def needed_bytes(self) -> int:
-        """What the next checkpoint needs on disk, about: the latest one's size, else the estimate."""
-        latest = self.latest
-        return latest.size if latest and latest.size else self.estimated_size()
-
-    def set_aside(self, info: CheckpointInfo, reason: str) -> str | None:
-        """Take the unreadable checkpoint ``info`` out of the run: its files move to
-        ``<directory>/unreadable/<time>/`` (the newest few sets kept), it stops counting as newest,
-        latest or best, holds no retention slot, and its step is saved again for real when
-        training reaches it. Returns where the files went (None on a worker, which only
-        forgets it: the chief moves the files)."""
-        self.book.forget(info.step)
-        if self.worker_dir:
-            return None
-        into = self._move_aside(metadata.checkpoint_files(info.path))
-        log.warning(
-            "moved the unreadable checkpoint %s aside to %s (%s); step %d will be saved again when training reaches it",
-            info.path,
-            into,
-            reason,
-            info.step,
-        )
-        self._write_bookkeeping()
-        return into
-
-    def estimated_size(self) -> int:
-        """Bytes one checkpoint needs, about: its variables (model, optimizer slots, the rest),
-        its data position (known once a save has taken it) and 4 kB for the index and graph."""
-        return checkpoint_files.variables_size(self._trackables) + (self.data_position_bytes() or 0) + 4096
-
     def wait(self) -> None:
-        """Block until the save in flight (if any) is written and recorded; raise its error."""
+        """Block until the save in flight (if any) is written and recorded, and with a local
+        tier every copy asked for so far is recorded in ``directory``; raise their error."""
         self._checkpoint.sync()
+        if self.local is not None:
+            self.local.copier.drain()
         pending, self._pending = self._pending, None
         self._raise_background_error()
-        if pending is not None and self.book.get(pending.step) is None:
+        if pending is not None and self._recorded(pending.step) is None:
             impl = getattr(self._checkpoint, "_async_checkpointer_impl", None)
             cause = getattr(impl, "_async_error", None)
             if impl is not None:
@@ -316,6 +261,14 @@ class Checkpointer:
         """End TensorFlow's background save thread, after the save in flight (see
         :func:`ckptkit._compat.end_async_save_thread`); a later async save starts a new one."""
         end_async_save_thread(self._checkpoint)
+        if self.local is not None:
+            self.local.copier.stop()
+
+    def finish_local_tier(self) -> None:
+        """A clean finish: every copy recorded, the local tier's checkpoints are removed."""
+        if self.local is not None and self.local.opened:
+            self.wait()
+            self.local.remove_all()
 
     def drain_completed(self) -> list[CheckpointInfo]:
         """The saves completed since the last call (for logging them from the main thread)."""
@@ -357,7 +310,14 @@ class Checkpointer:
             self.fence()
 
     def _record(self, info: CheckpointInfo) -> None:
-        """Add ``info``, write metadata and state file for what is kept, delete the rest."""
+        """Add ``info``, write metadata and state file for what is kept, delete the rest (in
+        the tier that holds it; a local checkpoint asked to persist is then copied)."""
+        if self.local is not None and self.local.holds(info.path):
+            self.local.record(info)
+            if info.step in self._persist_wanted:
+                self._persist_wanted.discard(info.step)
+                self._persist(info.step)
+            return
         self.book.add(info)
         self._write_bookkeeping()
 
@@ -390,6 +350,8 @@ class Checkpointer:
 
     def restore_latest(self, *, assert_consumed: bool = False) -> int | None:
         """Restore the newest checkpoint; return its step, or None if there is none."""
+        if self.local is not None:
+            self.local.open()
         latest = self.latest
         if latest is None:
             return None

@@ -26,8 +26,9 @@ class RunClaims:
         self.lease_seconds = lease_seconds
         self.locks: list[RunLock] = []
 
-    def take(self, run_dir: str, checkpoint_dir: str) -> None:
-        """Lock the run directory, and ``checkpoint_dir`` where it lies outside it."""
+    def take(self, run_dir: str, checkpoint_dir: str, local_tier: str | None = None) -> None:
+        """Lock the run directory, and ``checkpoint_dir`` and the local tier's directory
+        where they lie outside it."""
         try:
             self.locks.append(RunLock(run_dir, lease_seconds=self.lease_seconds).acquire())
         except OSError as exc:  # read-only, not a directory, no permission, full
@@ -35,8 +36,10 @@ class RunClaims:
                 raise CheckpointSaveError(checkpoint_files.full_disk(run_dir, None)) from exc
             raise CheckpointSaveError(f"cannot write to the run directory {run_dir}: {exc}") from exc
         self.take_checkpoint_dir(run_dir, checkpoint_dir)
+        if local_tier:
+            self.take_checkpoint_dir(run_dir, local_tier, "checkpoint.local_dir")
 
-    def take_checkpoint_dir(self, run_dir: str, checkpoint_dir: str) -> None:
+    def take_checkpoint_dir(self, run_dir: str, checkpoint_dir: str, key: str = "checkpoint.dir") -> None:
         """A ``checkpoint.dir`` outside the run directory gets the one-writer lock too: two
         runs racing onto one fresh checkpoint directory cannot both claim it."""
         if not storage.is_local(checkpoint_dir) or not storage.is_local(run_dir):
@@ -47,7 +50,7 @@ class RunClaims:
         try:
             self.locks.append(RunLock(checkpoint_dir, lease_seconds=self.lease_seconds).acquire())
         except OSError as exc:
-            raise CheckpointSaveError(f"cannot write to checkpoint.dir {checkpoint_dir}: {exc}") from exc
+            raise CheckpointSaveError(f"cannot write to {key} {checkpoint_dir}: {exc}") from exc
 
     def let_go_of(self, directory: str) -> None:
         """Release the lock of ``directory`` before it moves aside (its records move with it)."""

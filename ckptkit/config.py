@@ -155,6 +155,12 @@ class CheckpointConfig:
     lock_lease_seconds: float = 120.0
     # The training data changed since the checkpoint a run resumes from (ckptkit.data_position).
     on_data_change: DataChange = DataChange.auto
+    # A local tier (ckptkit.local_tier): every save goes to node-local storage below local_dir,
+    # some are copied to `dir`. The other three apply only with it (null: 2, 300 s, none).
+    local_dir: str | None = None
+    local_max_to_keep: int | None = None
+    persist_every_seconds: float | None = None
+    persist_every_saves: int | None = None
 
 
 @dataclass
@@ -391,6 +397,44 @@ def _save_every_seconds(c: CheckpointConfig) -> None:
         )
 
 
+def _local_tier(run: RunConfig) -> None:
+    """``checkpoint.local_dir``: a path of this host's own, outside ``checkpoint.dir``, one
+    process (not multi_worker); its three keys only with it, their defaults filled in."""
+    c = run.checkpoint
+    keys = ("local_max_to_keep", "persist_every_seconds", "persist_every_saves")
+    if not c.local_dir:
+        c.local_dir = None
+        for key in keys:
+            if getattr(c, key) is not None:
+                raise ConfigError(f"checkpoint.{key}", "applies only with checkpoint.local_dir (it is null)")
+        return
+    if not gfile.is_local(c.local_dir):
+        raise ConfigError(
+            "checkpoint.local_dir",
+            f"is {c.local_dir}: the local tier is this host's own storage (a local disk, /dev/shm, $SLURM_TMPDIR); "
+            "a remote path belongs in checkpoint.dir",
+        )
+    if gfile.is_local(c.dir):
+        a, b = os.path.abspath(c.local_dir), os.path.abspath(c.dir)
+        if os.path.commonpath([a, b]) == b:
+            raise ConfigError(
+                "checkpoint.local_dir", f"is {c.local_dir}, inside checkpoint.dir {c.dir}: give it a place of its own"
+            )
+    if run.strategy.kind == StrategyKind.multi_worker:
+        raise ConfigError(
+            "checkpoint.local_dir",
+            "is not supported with strategy.kind=multi_worker: every worker restores from the chief's checkpoints, "
+            "and the others cannot read the chief's node-local ones; leave it null",
+        )
+    if c.local_max_to_keep is None:
+        c.local_max_to_keep = 2
+    if c.persist_every_seconds is None and c.persist_every_saves is None:
+        c.persist_every_seconds = 300.0
+    _positive("checkpoint.local_max_to_keep", c.local_max_to_keep, allow_none=False, integer=True)
+    _positive("checkpoint.persist_every_seconds", c.persist_every_seconds, allow_none=True, integer=False)
+    _positive("checkpoint.persist_every_saves", c.persist_every_saves, allow_none=True, integer=True)
+
+
 def _one_of(key: str, value: str, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
@@ -430,6 +474,7 @@ def validate(run: RunConfig) -> RunConfig:
         raise ConfigError("run_dir", "must not be empty")
     if not c.dir:
         raise ConfigError("checkpoint.dir", "must not be empty")
+    _local_tier(run)
     for group, key in STEP_KEYS:
         value = getattr(getattr(run, group), key)
         if isinstance(value, float):
@@ -453,12 +498,14 @@ def load_config(cfg: Mapping[str, Any] | DictConfig) -> tuple[RunConfig, DictCon
         OmegaConf.resolve(full)
     except OmegaConfBaseException as exc:
         raise _config_error(exc) from None
-    for key in ("run_dir", "checkpoint.dir", "export.dir", "checkpoint.init_from.path"):
+    for key in ("run_dir", "checkpoint.dir", "checkpoint.local_dir", "export.dir", "checkpoint.init_from.path"):
         value = OmegaConf.select(full, key)
         if isinstance(value, str) and value.startswith("file:"):
             OmegaConf.update(full, key, file_url_path(key, value))
     if launched_in:  # paths given relative are relative to where the command was typed
         full.checkpoint.dir = anchored(launched_in, str(full.checkpoint.dir))
+        if full.checkpoint.local_dir:
+            full.checkpoint.local_dir = anchored(launched_in, str(full.checkpoint.local_dir))
         full.export.dir = anchored(launched_in, str(full.export.dir))
     if gfile.is_local(str(full.run_dir)):
         refuse_file_as_run_dir(str(full.run_dir))

@@ -62,6 +62,13 @@ MEANINGS: dict[str, str] = {
     "launching host's monotonic clock, is stale (its holder rewrites it every 10 s or lease/6)",
     "checkpoint.on_data_change": "the training data changed since the checkpoint a run resumes from: `auto` "
     "(changed content: the data position starts afresh; changed pipeline: error), `restart`, `error`",
+    "checkpoint.local_dir": "a local tier: every save goes to this host's own storage (`/dev/shm`, "
+    "`${oc.env:SLURM_TMPDIR,null}`), into a directory per run below it; some are copied to `checkpoint.dir` "
+    "(docs/running.md)",
+    "checkpoint.local_max_to_keep": "with `local_dir`: newest checkpoints kept in the local tier (2 when null)",
+    "checkpoint.persist_every_seconds": "with `local_dir`: copy a save to `checkpoint.dir` at least this often "
+    "(300 when it and `persist_every_saves` are null); a best, last or signal's save is always copied",
+    "checkpoint.persist_every_saves": "with `local_dir`: also copy every n-th save to `checkpoint.dir`",
     "export.dir": "SavedModel destination, versioned subdirectories",
     "export.from": "`best` or `last`",
     "export.verify": "before publishing, run every signature through TF Serving's loader in a fresh process and "

@@ -98,6 +98,13 @@ def export_on_best_due(new_best: bool, step_eval: Mapping | None, export_cfg: An
     return bool(new_best and step_eval and export_cfg.enabled and export_cfg.on_best and not preempted and chief)
 
 
+def persist_due(ctx: SaveContext, checkpoint_cfg: Any) -> bool:
+    """With a local tier: a save that must reach ``checkpoint.dir`` whatever the persist
+    period (a new best, the last step, a signal's, one of ``save_at_steps``); the others are
+    the local tier's to decide (``checkpoint.persist_every_*``)."""
+    return ctx.new_best or ctx.final or ctx.preempted or ctx.step in set(checkpoint_cfg.save_at_steps)
+
+
 def save_policy(c: Any, budget: SaveBudget | None = None, decides: bool = True) -> AnySave:
     """``checkpoint.*``'s save rules as one policy (``budget``: ``save_every_seconds=auto``'s
     measurements; ``decides``: this process makes its decisions, the chief)."""
@@ -206,10 +213,11 @@ class Controller:
         self.tr._progress.best(metric, value, step)
         return True
 
-    def save(self, step: int, metrics: Mapping[str, float] | None) -> str:
+    def save(self, step: int, metrics: Mapping[str, float] | None, persist: bool = False) -> str:
         """Save ``step``, unless a model or optimizer variable is NaN or infinite: a loss
         computed before the update can be finite while the update poisoned the weights, and
-        a poisoned checkpoint would be resumed from for ever."""
+        a poisoned checkpoint would be resumed from for ever. ``persist``: with a local tier,
+        this save also goes to ``checkpoint.dir`` (:func:`persist_due`)."""
         tr = self.tr
         self.check_window(step)
         bad = tr._finite()
@@ -221,7 +229,7 @@ class Controller:
             )
         new = tr.checkpointer.find(step) is None
         began = time.perf_counter()
-        path = tr.checkpointer.save(step, metrics=metrics)
+        path = tr.checkpointer.save(step, metrics=metrics, persist=persist or None)
         if self.budget is not None and new:
             self.budget.save_started(step, time.perf_counter() - began)
             if not tr.checkpointer.async_save or tr.checkpointer.worker_dir:
@@ -385,7 +393,7 @@ class Controller:
         if saving_now:
             tr.train_state.add_time(st.unsaved_seconds)
             st.unsaved_seconds = 0.0
-            path = self.save(step, step_eval)
+            path = self.save(step, step_eval, persist=persist_due(ctx, self.s.checkpoint))
             st.last_save_step, st.last_save_time = step, ctx.now
             if export_on_best_due(new_best, step_eval, self.s.export, ctx.preempted, tr.is_chief):
                 self.export_new_best(step, path, step_eval or {})
@@ -406,11 +414,11 @@ class Controller:
         tr, s = self.tr, self.s
         tr.train_state.add_time(st.unsaved_seconds)
         if st.step > st.start_step and st.last_save_step != st.step:
-            self.save(st.step, st.eval_metrics or None)
+            self.save(st.step, st.eval_metrics or None, persist=True)
         elif s.trainer.max_steps == 0 and tr.checkpointer.latest is None and not tr.watch.requested:
             st.eval_metrics = self.evaluate(eval_ds, 0) if eval_ds is not None else {}
             self.track_best(0, st.eval_metrics or None)
-            self.save(0, st.eval_metrics or None)
+            self.save(0, st.eval_metrics or None, persist=True)
             log.info(
                 "trainer.max_steps=0: nothing trained; the model as built%s is saved as step 0%s",
                 " and warm-started from " + str(s.checkpoint.init_from.path) if s.checkpoint.init_from.path else "",

@@ -27,6 +27,7 @@ from ckptkit.claims import RunClaims, refuse_if_sweep_stopping
 from ckptkit.config import to_dict
 from ckptkit.controller import Controller
 from ckptkit.errors import CheckpointSaveError, CkptkitError, ConfigError
+from ckptkit.local_tier import tier_dir
 from ckptkit.metadata import checkpoint_prefix as metadata_prefix
 from ckptkit.ownership import claim_checkpoint_dir
 from ckptkit.preemption import ExportInterrupted, Interrupted, Preempted, stop_exception
@@ -136,7 +137,8 @@ class Launch:
             tr._claims = RunClaims(tr.settings.checkpoint.lock_lease_seconds)
             try:
                 if tr.is_chief:
-                    tr._claims.take(tr.run_dir, tr.settings.checkpoint.dir)
+                    c = tr.settings.checkpoint
+                    tr._claims.take(tr.run_dir, c.dir, tier_dir(c.local_dir, c.dir) if c.local_dir else None)
                 refuse_if_sweep_stopping(tr.settings.trainer.exit_code_preempted)
                 try:
                     return self._fit()
@@ -262,6 +264,8 @@ class Launch:
             tr._summaries.close()
             self._stop(stop_exception(tr.watch.signum, step, saved, **self._exit))
         export_path = None
+        if tr.is_chief and step >= s.trainer.max_steps:
+            tr.checkpointer.finish_local_tier()  # every save is in checkpoint.dir now
         if s.export.enabled and tr.is_chief:
             export_path = self._final_export(step, saved)
         tr._summaries.close()

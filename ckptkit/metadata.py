@@ -39,9 +39,15 @@ _DATA_RE = re.compile(rf"^{PREFIX}-(\d+)\.data-\d{{5}}-of-\d{{5}}$")
 # TensorFlow writes a save's shards into <prefix>_temp (or _temp_<hex> on some filesystems)
 # and merges them into <prefix>.index and .data-* when the save completes.
 _TEMP_RE = re.compile(rf"^{PREFIX}-(\d+)_temp(_[0-9a-f]+)?$")
-# ckptkit's own temporaries: <bookkeeping file>.tmp-<hex> (older versions: .tmp-<pid>).
+#: The local tier's record of itself, and the persistent tier's of the last launch that
+#: opened a local tier (ckptkit.local_tier).
+LOCAL_RECORD_FILE = ".ckptkit-local.json"
+LINEAGE_FILE = ".ckptkit-lineage.json"
+# ckptkit's own temporaries: <bookkeeping file>.tmp-<hex> (older versions: .tmp-<pid>), and a
+# checkpoint file's copy on its way from the local tier: ckpt-<step>.index.tmp-<hex>.
 _OWN_TMP_RE = re.compile(
-    rf"^({re.escape(METADATA_FILE)}|{STATE_FILE}|{re.escape(OWNER_FILE)})"
+    rf"^({re.escape(METADATA_FILE)}|{STATE_FILE}|{re.escape(OWNER_FILE)}|{re.escape(LOCAL_RECORD_FILE)}"
+    rf"|{re.escape(LINEAGE_FILE)}|{PREFIX}-\d+\.(index|data-\d{{5}}-of-\d{{5}}))"
     rf"{re.escape(storage.TMP_MARK)}[0-9a-f]+$"
 )
 # Any steps ckptkit could write: larger ones are no step of a real run (and no int64).

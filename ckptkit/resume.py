@@ -107,7 +107,7 @@ def restore_newest_readable(
     Raises CheckpointUnreadableError when checkpoints exist but none can be read, and
     CheckpointMismatchError (naming ``changes``) when one is readable but does not fit.
     """
-    candidates = list(reversed(checkpointer.checkpoints))
+    candidates = checkpointer.resume_candidates()
     failures: list[str] = []
     unreadable: list[CheckpointInfo] = []
     for info in candidates:
@@ -198,6 +198,10 @@ def resume_or_warm_start(tr: Any) -> tuple[int | None, RestoreReport | None]:
     if c.resume == "never" and tr.distribution.agree(bool(tr.checkpointer.checkpoints)):
         _start_over(tr)
     ckpt = tr.checkpointer
+    if tr.is_chief and ckpt.open_local_tier(discard=c.resume == "never") == "mine" and ckpt.local is not None:
+        log.info(
+            "local tier %s: %d checkpoint(s) of this run and host", ckpt.local.directory, len(ckpt.local.book.all())
+        )
     if ckpt.checkpoints and c.resume != "never":
         changes = run_config_changes(tr)
         info = restore_newest_readable(ckpt, changes, other_trainer(tr))

@@ -14,6 +14,13 @@ the model), ``restore`` (restoring a checkpoint), ``final_eval`` (the eval at th
 ``TOY_KILL_AT=<file name>:<before|after>:<k>`` kills the process with SIGKILL right before or
 right after ckptkit's k-th atomic rename of a file of that name (``metadata.json``,
 ``checkpoint``): what a crash between the two renames of a save leaves.
+
+``TOY_KILL_AT_COPY=<before|after>:<k>`` kills it right before or after the k-th rename of a
+file that the local tier's copier moves into ``checkpoint.dir`` (the toy's checkpoints have
+two files, the data then the index: k=1 before is after the temporaries are written, k=2
+before is between data and index, k=2 after is before the copy is recorded).
+
+``TOY_HOST=<name>`` makes the process see itself on host ``<name>`` (a requeue on another node).
 """
 
 import hashlib
@@ -60,6 +67,38 @@ def _kill_at_a_rename() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     storage.atomic_write_text = write
+
+
+def _kill_in_a_copy() -> None:
+    when, _, k = os.environ.get("TOY_KILL_AT_COPY", "").partition(":")
+    if not when:
+        return
+    from ckptkit import local_tier
+
+    real, seen = local_tier._tf_gfile, []
+
+    class Renames:
+        def __getattr__(self, name):
+            return getattr(real(), name)
+
+        def rename(self, src, dst, overwrite=False):
+            seen.append(dst)
+            due = len(seen) == int(k)
+            if due and when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            real().rename(src, dst, overwrite=overwrite)
+            if due and when == "after":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    local_tier._tf_gfile = Renames
+
+
+def _on_host() -> None:
+    host = os.environ.get("TOY_HOST")
+    if host:
+        from ckptkit import local_tier, lock_records
+
+        lock_records.hostname = local_tier.hostname = lambda: host
 
 
 def _pause_in_ckptkit() -> None:
@@ -119,6 +158,8 @@ def main() -> None:
     os.environ["TOY_LAST_STEP"] = str(trainer.settings.trainer.max_steps)
     _pause_in_ckptkit()
     _kill_at_a_rename()
+    _kill_in_a_copy()
+    _on_host()
     marker = kw.get("data.chain_marker")
     if marker:  # stands in for a scheduler helper's handler (submitit's requeue on SIGUSR2)
 
