@@ -189,6 +189,11 @@ def main():
         if "growth" in wanted:
             out["growth"] = bench_growth(args, tmp)
             out["targets"] += growth_targets(out["growth"])
+        if "tiers" in wanted:
+            from tiers import bench_tiers, tiers_targets
+
+            out["tiers"] = bench_tiers(args, tmp)
+            out["targets"] += tiers_targets(out["tiers"])
         if "d2h" in wanted:
             if not gpus:
                 print("\n  (no GPU: section 5 copies host to host here; its figures check the code, not a GPU)")

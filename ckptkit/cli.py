@@ -149,6 +149,11 @@ def cmd_ls(args) -> int:
             f"{os.path.join(directory, metadata.UNREADABLE_DIR)}: {len(aside)} set(s) of files moved aside, "
             f"{_human(size)} (the newest {checkpoint_files.KEEP_UNREADABLE} are kept)"
         )
+    from ckptkit.local_tier import describe
+
+    tier = describe(directory, [args.path, os.path.dirname(directory)])
+    if tier:
+        print(tier)
     return 0
 
 

@@ -148,6 +148,39 @@ def judge(record: dict | None, has_checkpoints: bool, *, persistent: str, host: 
     return "mine" if ok and record.get("host") == host else "stale"
 
 
+def describe(persistent: str, run_dirs: Sequence[str]) -> str | None:
+    """One line on ``persistent``'s local tier on this host (``ckptkit ls``), when the run's
+    record (in the first of ``run_dirs`` that has one) names a ``checkpoint.local_dir``."""
+    from ckptkit import runinfo
+
+    for run_dir in run_dirs:
+        try:
+            record = runinfo.read_run_record(run_dir)
+        except Exception:  # noqa: BLE001 - not a run directory
+            continue
+        local_dir = ((record.get("config") or {}).get("checkpoint") or {}).get("local_dir")
+        if not local_dir:
+            return None
+        directory = tier_dir(str(local_dir), persistent)
+        found = metadata.scan(directory) if storage.is_real_dir(directory) else []
+        verdict = judge(
+            _read_json(os.path.join(directory, RECORD_FILE)),
+            bool(found),
+            persistent=persistent,
+            host=hostname(),
+            last_launch=read_lineage(persistent),
+        )
+        what = {
+            "mine": "a relaunch here resumes from its newest if it is newer than the above",
+            "stale": "stale: the next launch here removes them",
+            "foreign": "not this run's: a launch here is refused",
+            "fresh": "",
+        }[verdict]
+        steps = ", ".join(str(c.step) for c in found)
+        return f"local tier on this host, {directory}: " + (f"steps {steps} ({what})" if found else "no checkpoint")
+    return None
+
+
 def copy_checkpoint(prefix: str, into: str, fence: Callable[[], None] = _no_fence) -> str:
     """Copy the checkpoint at ``prefix`` into the directory ``into`` (see the module's
     "Copies"); returns the new prefix."""
@@ -320,8 +353,11 @@ class LocalTier:
     ) -> None:
         """Copy the checkpoint of ``step`` to the persistent tier in the background: pinned
         here until ``record`` (the persistent tier's bookkeeping) took its copy; an error goes
-        to ``report``."""
-        self.pin(step)
+        to ``report``. A step already on its way (or there) is not copied again."""
+        with self._lock:
+            if step in self._pinned:
+                return
+            self._pinned.add(step)
 
         def copy() -> None:
             info = self.book.get(step)
@@ -342,10 +378,6 @@ class LocalTier:
                 report(copy_failure(info.path if info else str(step), self.persistent, exc))
 
         self.copier.submit(copy)
-
-    def pin(self, step: int) -> None:
-        with self._lock:
-            self._pinned.add(step)
 
     def unpin(self, step: int) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import ToyTrainer, make_cfg, steps_on_disk
 from procs import ENV, result_of, run, start
 
-from ckptkit import Checkpointer, checkpoint_files, local_tier, metadata
+from ckptkit import Checkpointer, checkpoint_files, cli, local_tier, metadata
 from ckptkit.config import load_config
 from ckptkit.errors import ConfigError
 from ckptkit.local_tier import LocalTier, LocalTierOwnedError, judge
@@ -173,6 +173,20 @@ def test_a_local_checkpoint_is_never_deleted_before_its_copy_is_recorded(tmp_pat
     ckpt.wait()
     assert steps_on_disk(ckpt.directory) == [1, 2]
     assert steps_on_disk(ckpt.local.directory) == [4]
+    ckpt.close()
+
+
+def test_a_step_asked_to_persist_twice_is_copied_once(tmp_path, monkeypatch):
+    """The rule copies a save, then the final save lands on the same step while that copy
+    is still on its way: one copy, nothing moved aside as "in the way"."""
+    real = local_tier.copy_checkpoint
+    monkeypatch.setattr(local_tier, "copy_checkpoint", lambda *a: (__import__("time").sleep(0.3), real(*a))[1])
+    ckpt, v = _tiered(tmp_path, persist_every_saves=1, async_save=False)
+    ckpt.save(1)
+    ckpt.save(1, persist=True)
+    ckpt.wait()
+    assert steps_on_disk(ckpt.directory) == [1]
+    assert not os.path.exists(os.path.join(ckpt.directory, "unreadable"))
     ckpt.close()
 
 
@@ -349,3 +363,24 @@ def test_kill_9_in_a_copy_leaves_a_persistent_tier_another_node_resumes_from(tmp
     assert proc.returncode == 0, out[-3000:]
     assert result_of(out)["resumed_from"] == (6 if copied else None)
     assert not [n for n in os.listdir(d) if ".tmp-" in n]
+
+
+@pytest.mark.slow
+def test_sigterm_copies_the_signal_save_to_checkpoint_dir_before_exiting(tmp_path, capsys):
+    """With no periodic copy due (one an hour), SIGTERM's save still reaches checkpoint.dir
+    before the process exits 75: a requeue on any node resumes from the step reached."""
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, *COMMON, f"checkpoint.local_dir={tmp_path / 'a'}", "checkpoint.persist_every_seconds=3600")
+    for line in proc.stdout:
+        if "saved checkpoint" in line and "(step 6," in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    reached = [int(line.split("step ")[1].split("/")[0]) for line in out.splitlines() if "] step " in line]
+    on_disk = steps_on_disk(run_dir / "checkpoints")
+    assert on_disk and on_disk[-1] >= max(reached, default=0) and on_disk[-1] >= 6
+    assert "copied checkpoint" in out
+    assert cli.main(["ls", str(run_dir)]) == 0  # the local tier stays for a relaunch here, and ls says so
+    listed = capsys.readouterr().out
+    assert f"local tier on this host, {tmp_path / 'a'}" in listed and "a relaunch here resumes" in listed
