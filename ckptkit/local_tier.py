@@ -72,6 +72,7 @@ from ckptkit.policies import CheckpointInfo, KeepAny
 
 log = logging.getLogger("ckptkit")
 
+RUN_FILE = "ckptkit_run.yaml"  # ckptkit.runinfo.RUN_FILE (which imports TensorFlow)
 RECORD_FILE = metadata.LOCAL_RECORD_FILE
 LINEAGE_FILE = metadata.LINEAGE_FILE
 DEFAULT_MAX_TO_KEEP = 2
@@ -97,11 +98,11 @@ def _abs(path: str) -> str:
     return os.path.abspath(path) if storage.is_local(path) else path
 
 
-def tier_dir(local_dir: str, persistent: str, name: str | None = None) -> str:
-    """The directory of ``persistent``'s local tier below ``local_dir``: the run's name (else
-    the checkpoint directory's parent's name) and a hash of ``persistent``'s absolute path."""
+def tier_dir(local_dir: str, persistent: str) -> str:
+    """The directory of ``persistent``'s local tier below ``local_dir``: the checkpoint
+    directory's parent's name (the run directory's, by default) and a hash of its absolute path."""
     where = _abs(persistent)
-    slug = _SLUG_RE.sub("_", name or os.path.basename(os.path.dirname(where.rstrip("/"))) or "run")[:64]
+    slug = _SLUG_RE.sub("_", os.path.basename(os.path.dirname(where.rstrip("/"))) or "run")[:64]
     return os.path.join(local_dir, f"{slug}-{hashlib.sha256(where.encode()).hexdigest()[:12]}")
 
 
@@ -110,7 +111,8 @@ def _read_json(path: str) -> dict | None:
     if not gfile.exists(path) or storage.is_link(path):
         return None
     try:
-        value = json.loads(storage.read_text(path))
+        with gfile.open_file(path) as f:  # without TensorFlow for a local path (ckptkit ls)
+            value = json.load(f)
     except (ValueError, UnicodeDecodeError) + gfile.errors():
         log.warning("ignoring the unreadable record %s", path)
         return None
@@ -148,37 +150,65 @@ def judge(record: dict | None, has_checkpoints: bool, *, persistent: str, host: 
     return "mine" if ok and record.get("host") == host else "stale"
 
 
-def describe(persistent: str, run_dirs: Sequence[str]) -> str | None:
-    """One line on ``persistent``'s local tier on this host (``ckptkit ls``), when the run's
-    record (in the first of ``run_dirs`` that has one) names a ``checkpoint.local_dir``."""
-    from ckptkit import runinfo
+def recorded_tier(persistent: str, run_dirs: Sequence[str]) -> tuple[str, list[int], str] | None:
+    """The local tier on this host of the run's last accepted launch, as its record (in the
+    first of ``run_dirs`` that has one) names it: (directory, its steps, :func:`judge`'s
+    verdict); None when that launch had no ``checkpoint.local_dir``."""
+    import yaml
 
     for run_dir in run_dirs:
-        try:
-            record = runinfo.read_run_record(run_dir)
+        try:  # read as YAML, without TensorFlow (ckptkit ls); resume checked the record already
+            with gfile.open_file(os.path.join(run_dir, RUN_FILE)) as f:
+                record = yaml.safe_load(f)
         except Exception:  # noqa: BLE001 - not a run directory
+            continue
+        if not isinstance(record, dict):
             continue
         local_dir = ((record.get("config") or {}).get("checkpoint") or {}).get("local_dir")
         if not local_dir:
             return None
         directory = tier_dir(str(local_dir), persistent)
         found = metadata.scan(directory) if storage.is_real_dir(directory) else []
-        verdict = judge(
-            _read_json(os.path.join(directory, RECORD_FILE)),
-            bool(found),
-            persistent=persistent,
-            host=hostname(),
-            last_launch=read_lineage(persistent),
-        )
-        what = {
-            "mine": "a relaunch here resumes from its newest if it is newer than the above",
-            "stale": "stale: the next launch here removes them",
-            "foreign": "not this run's: a launch here is refused",
-            "fresh": "",
-        }[verdict]
-        steps = ", ".join(str(c.step) for c in found)
-        return f"local tier on this host, {directory}: " + (f"steps {steps} ({what})" if found else "no checkpoint")
+        record_of_tier = _read_json(os.path.join(directory, RECORD_FILE))
+        last = read_lineage(persistent)
+        verdict = judge(record_of_tier, bool(found), persistent=persistent, host=hostname(), last_launch=last)
+        return directory, [c.step for c in found], verdict
     return None
+
+
+def describe(persistent: str, run_dirs: Sequence[str]) -> str | None:
+    """One line on the run's local tier on this host, for ``ckptkit ls``."""
+    tier = recorded_tier(persistent, run_dirs)
+    if tier is None:
+        return None
+    directory, steps, verdict = tier
+    what = {
+        "mine": "a relaunch here resumes from its newest if it is newer than the above",
+        "stale": "stale: the next launch here removes them",
+        "foreign": "not this run's: a launch here is refused",
+        "fresh": "",
+    }[verdict]
+    return f"local tier on this host, {directory}: " + (
+        f"steps {', '.join(map(str, steps))} ({what})" if steps else "no checkpoint"
+    )
+
+
+def warn_if_left_behind(persistent: str, run_dir: str, newest: int | None) -> None:
+    """A launch without ``checkpoint.local_dir`` after one with it: say so when the tier the
+    last launch left on this host holds newer steps than ``persistent``'s newest, which this
+    launch does not resume from (and which its start makes stale)."""
+    tier = recorded_tier(persistent, [run_dir])
+    if tier is None or tier[2] != "mine" or not tier[1] or (newest is not None and max(tier[1]) <= newest):
+        return
+    log.warning(
+        "the last launch saved up to step %d in its local tier %s, newer than checkpoint.dir's %s; this launch has "
+        "no checkpoint.local_dir, so it resumes from checkpoint.dir and that tier becomes stale (launch with "
+        "checkpoint.local_dir=%s to resume from it)",
+        max(tier[1]),
+        tier[0],
+        "newest, step " + str(newest) if newest is not None else "(none)",
+        os.path.dirname(tier[0]),
+    )
 
 
 def copy_checkpoint(prefix: str, into: str, fence: Callable[[], None] = _no_fence) -> str:

@@ -26,6 +26,7 @@ from ckptkit.errors import (
     CheckpointUnreadableError,
     DataPipelineError,
 )
+from ckptkit.local_tier import warn_if_left_behind
 from ckptkit.ownership import claim_checkpoint_dir
 from ckptkit.policies import CheckpointInfo
 from ckptkit.runinfo import RUN_FILE, read_run_record, trainer_location
@@ -198,6 +199,8 @@ def resume_or_warm_start(tr: Any) -> tuple[int | None, RestoreReport | None]:
     if c.resume == "never" and tr.distribution.agree(bool(tr.checkpointer.checkpoints)):
         _start_over(tr)
     ckpt = tr.checkpointer
+    if tr.is_chief and ckpt.local is None and c.resume != "never":
+        warn_if_left_behind(c.dir, tr.run_dir, ckpt.latest.step if ckpt.latest else None)
     if tr.is_chief and ckpt.open_local_tier(discard=c.resume == "never") == "mine" and ckpt.local is not None:
         log.info(
             "local tier %s: %d checkpoint(s) of this run and host", ckpt.local.directory, len(ckpt.local.book.all())

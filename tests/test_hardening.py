@@ -491,8 +491,8 @@ def test_a_run_taken_over_stops_before_its_next_commit(tmp_path, monkeypatch):
     trainer = ToyTrainer(cfg)
     original = Controller.save
 
-    def save_then_be_taken_over(controller, step, metrics):
-        path = original(controller, step, metrics)
+    def save_then_be_taken_over(controller, step, metrics, **kw):
+        path = original(controller, step, metrics, **kw)
         if step == 20:
             trainer.checkpointer.wait()
             gen = runlock.claims_in(str(run))[-1]

@@ -283,6 +283,33 @@ def test_a_finished_run_has_everything_persisted_and_an_empty_local_tier(tmp_pat
     assert steps_on_disk(tr.checkpointer.local.directory) == []
 
 
+def test_a_launch_without_the_local_tier_says_what_it_leaves_behind(tmp_path, caplog):
+    """A run that crashed with steps 5-20 in its local tier only, launched again without
+    checkpoint.local_dir: it starts from checkpoint.dir (empty) and says which newer steps it
+    leaves behind, and how to resume from them."""
+    settings = {"trainer.max_steps": 40, "trainer.eval_every_steps": None, "checkpoint.save_every_steps": 5}
+    tiered = {"checkpoint.local_dir": str(tmp_path / "local"), "checkpoint.persist_every_seconds": 3600}
+    tr = ToyTrainer(make_cfg(tmp_path / "run", **settings, **tiered))
+    tr.build()
+    inner, calls = tr._train_fn, []
+
+    def crashing(n):
+        calls.append(n)
+        if len(calls) > 4:
+            raise RuntimeError("the node went away")
+        return inner(n)
+
+    tr._train_fn = crashing
+    with pytest.raises(RuntimeError, match="went away"):
+        tr.fit()
+    assert steps_on_disk(tr.checkpointer.local.directory) == [15, 20]
+    with caplog.at_level(logging.WARNING, logger="ckptkit"):
+        result = ToyTrainer(make_cfg(tmp_path / "run", **settings)).fit()
+    assert result.resumed_from is None
+    assert "saved up to step 20 in its local tier" in caplog.text
+    assert f"checkpoint.local_dir={tmp_path / 'local'} to resume from it" in caplog.text
+
+
 COMMON = [
     "trainer.max_steps=60",
     "trainer.steps_per_loop=1",

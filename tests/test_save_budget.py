@@ -125,9 +125,9 @@ def test_a_run_with_auto_saves_logs_the_period_and_writes_it_to_tensorboard(tmp_
 
     real_save = ckptkit.Checkpointer.save
 
-    def slow_save(self, step, metrics=None):
+    def slow_save(self, step, metrics=None, **kw):
         __import__("time").sleep(0.05)
-        return real_save(self, step, metrics)
+        return real_save(self, step, metrics, **kw)
 
     monkeypatch.setattr(ckptkit.Checkpointer, "save", slow_save)
     cfg = make_cfg(
