@@ -1,7 +1,8 @@
 """ckptkit against what users would otherwise write, side by side in one run.
 
     python benchmarks/run.py [--quick] [--reps 3] [--json out.json] [--threads N] [--device auto|cpu|gpu]
-                             [--only loop,savecost,savegap,position,finite,overhead,io,resume,lost,lostbig,growth,d2h]
+                             [--only loop,savecost,savegap,position,finite,overhead,io,resume,lost,lostbig,
+                                     growth,tiers,d2h]
                              [--growth-sizes 64,256,1024,2048]
 
 1. loop      steps/s of a small MLP (64 inputs, batch 64, data shuffled every epoch with
@@ -43,13 +44,20 @@
              the disk's own write, a bare Checkpoint.write, the same in 4 shards
              (experimental_sharding_callback), ckptkit sync and async (and the async save's
              blocking part); target: ckptkit's save at 1 GB >= 0.9x the bare write.
+8. tiers     a local tier on /dev/shm against checkpoint.dir alone (benchmarks/tiers.py), a --mb
+             model saving every 10 s and with save_every_seconds=auto: saves per minute, copies
+             to disk per minute, and the steps a kill -9 loses when the run comes back on the
+             same node and on another one; then a crashed tiered run relaunched on this host and
+             on another (host name patched, its own empty local_dir). Targets: each resumes from
+             the right tier; auto saves at least as often with the local tier.
 5. d2h       (with --device gpu, or named in --only) GB/s of the part of an async save that
              blocks training, against a plain device-to-host copy of the same variables and
              the finite check alone. Without a GPU, --device gpu prints "no GPU" and stops;
              --only d2h then copies host to host, which checks the code, not a GPU.
 
 One module per section: workload_loop.py (1), savetime.py (1b, 1d), finite.py (1c),
-position.py (1e), overhead.py (2), throughput.py (3), resume_latency.py (4), d2h.py (5);
+position.py (1e), overhead.py (2), throughput.py (3), resume_latency.py (4), d2h.py (5),
+lost.py (6), growth.py (7), tiers.py (8);
 harness.py holds the repetitions, medians, spreads, tables and targets; this file parses the
 options and runs the sections asked for.
 

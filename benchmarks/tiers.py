@@ -53,6 +53,10 @@ class Crash(Exception):
     launch's claims are released, and the saves in flight complete, as fit() unwinds)."""
 
 
+def _mb(args) -> int:
+    return 16 if args.quick else args.mb
+
+
 def _shm(tmp: str) -> str:
     return tempfile.mkdtemp(dir="/dev/shm") if os.path.isdir("/dev/shm") else tempfile.mkdtemp(dir=tmp)
 
@@ -64,7 +68,7 @@ def _cfg(run_dir, steps, warmup, args, width, checkpoint):
         steps_per_loop=10,
         log_every_steps=10**9,
         checkpoint={"max_to_keep": 2, "save_every_steps": None, **checkpoint},
-        bench={"mb": args.mb, "width": width},
+        bench={"mb": _mb(args), "width": width},
     )
 
 
@@ -188,7 +192,7 @@ def _requeue(args, tmp, shm, width, steps, warmup) -> dict:
 def bench_tiers(args, tmp) -> dict:
     shm = _shm(tmp)
     try:
-        width = big_model(args.mb)[1]
+        width = big_model(_mb(args))[1]
         steps = 30 if args.quick else 600
         warmup, persist = 10, (20.0 if args.quick else 15.0)
         contenders = _contenders(args, tmp, shm, width, steps, warmup, persist)
@@ -209,7 +213,7 @@ def _print(out: dict, args) -> None:
     base = statistics.median(r["rate"] for r in runs[NONE])
     print(
         f"\n8. a local tier on tmpfs ({'/dev/shm' if out['shm'].startswith('/dev/shm') else 'no /dev/shm: on disk'}) "
-        f"against the persistent tier alone, a {args.mb} MB model  (median of {args.reps}; {KILLS} kills a run)"
+        f"against the persistent tier alone, a {_mb(args)} MB model  (median of {args.reps}; {KILLS} kills a run)"
     )
     print(
         f"  {'contender':38} {'steps/s':>8} {'overhead':>9} {'saves/min':>9} {'to disk':>8}  "

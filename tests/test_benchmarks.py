@@ -21,7 +21,7 @@ def test_benchmarks_quick_smoke_run(tmp_path):
             "--json",
             str(out),
             "--only",
-            "loop,savecost,savegap,position,finite,overhead,io,resume,d2h,lost",
+            "loop,savecost,savegap,position,finite,overhead,io,resume,d2h,lost,tiers",
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -41,6 +41,7 @@ def test_benchmarks_quick_smoke_run(tmp_path):
         "4. resume latency",
         "5. CPU: blocking part of an async save",  # no GPU in CI: the code path, host to host
         "6. work lost per kill -9 against overhead",
+        "8. a local tier on tmpfs",
     ):
         assert title in proc.stdout
     figures = json.loads(out.read_text())
@@ -55,8 +56,12 @@ def test_benchmarks_quick_smoke_run(tmp_path):
         "resume",
         "d2h",
         "lost",
+        "tiers",
     }
     assert all(r["rate"] > 0 and r["median_lost"] >= 0 for runs in figures["lost"]["runs"].values() for r in runs)
+    requeue = figures["tiers"]["requeue"]  # from the right tier, here and elsewhere
+    assert requeue["this host"]["resumed_from"] == requeue["this host"]["newest_local"] is not None
+    assert requeue["another host"]["resumed_from"] == requeue["another host"]["newest_persisted"] is not None
     assert all(r["bytes"] > 0 and r["snapshot_ms"] > 0 for r in figures["position"]["rows"])
     assert all(between > 0 for runs in figures["savegap"]["runs"].values() for between, _ in runs)
     assert all(v > 0 for runs in figures["d2h"]["runs"].values() for v in runs)
