@@ -27,7 +27,7 @@ from ckptkit.claims import RunClaims, refuse_if_sweep_stopping
 from ckptkit.config import to_dict
 from ckptkit.controller import Controller
 from ckptkit.errors import CheckpointSaveError, CkptkitError, ConfigError
-from ckptkit.local_tier import tier_dir
+from ckptkit.local_tier import make_place, tier_dir
 from ckptkit.metadata import checkpoint_prefix as metadata_prefix
 from ckptkit.ownership import claim_checkpoint_dir
 from ckptkit.preemption import ExportInterrupted, Interrupted, Preempted, stop_exception
@@ -138,7 +138,10 @@ class Launch:
             try:
                 if tr.is_chief:
                     c = tr.settings.checkpoint
-                    tr._claims.take(tr.run_dir, c.dir, tier_dir(c.local_dir, c.dir) if c.local_dir else None)
+                    tier = tier_dir(c.local_dir, c.dir) if c.local_dir else None
+                    if tier:
+                        make_place(tier)  # before its lock is written into it
+                    tr._claims.take(tr.run_dir, c.dir, tier)
                 refuse_if_sweep_stopping(tr.settings.trainer.exit_code_preempted)
                 try:
                     return self._fit()

@@ -60,6 +60,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -254,6 +255,30 @@ def _stale_reason(record: dict | None, discard: bool) -> str:
     return "written by a launch that is not the run's last: another launch went on from checkpoint.dir since"
 
 
+def make_place(directory: str) -> None:
+    """Create the tier's directory, readable by this user alone (``/dev/shm`` and node-local
+    scratch are shared by every user of the node); refuse one that is a symbolic link or
+    belongs to another user: its checkpoints would be written, read or removed elsewhere."""
+    st = storage.lstat(directory)
+    if st is None:
+        os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:  # another launch made it between the two: judged below
+            pass
+        st = storage.lstat(directory)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        what = "a symbolic link" if st is not None and stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise LocalTierOwnedError(
+            f"the local tier {directory} is {what}: ckptkit writes its checkpoints only into a directory of its own"
+        )
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise LocalTierOwnedError(
+            f"the local tier {directory} belongs to another user (uid {st.st_uid}): give this run another "
+            "checkpoint.local_dir"
+        )
+
+
 def below(local_dir: str | None, persistent: str, **settings) -> LocalTier | None:
     """The local tier of ``persistent`` below ``local_dir`` (:func:`tier_dir`); None without one."""
     return LocalTier(tier_dir(str(local_dir), persistent), persistent, **settings) if local_dir else None
@@ -306,6 +331,7 @@ class LocalTier:
         launch in both tiers; returns the verdict. Idempotent."""
         if self.opened:
             return "open"
+        make_place(self.directory)
         record = _read_json(os.path.join(self.directory, RECORD_FILE))
         last = read_lineage(self.persistent)
         found = metadata.scan(self.directory) if storage.is_real_dir(self.directory) else []

@@ -222,6 +222,25 @@ def test_a_tier_of_another_checkpoint_dir_or_of_nobody_is_refused(tmp_path):
     assert _ckpt_names(tier.directory) == ["ckpt-5.data-00000-of-00001", "ckpt-5.index"]  # nothing touched
 
 
+def test_a_link_planted_where_the_tier_goes_is_refused_and_nothing_written_through_it(tmp_path):
+    """/dev/shm is every user's: a link at the tier's (predictable) name must not carry a
+    run's checkpoints, or its removal of stale ones, into another directory."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    persistent = str(tmp_path / "persistent")
+    os.makedirs(tmp_path / "local")
+    os.symlink(victim, local_tier.tier_dir(str(tmp_path / "local"), persistent))
+    ckpt, _ = _tiered(tmp_path)
+    with pytest.raises(LocalTierOwnedError, match="is a symbolic link"):
+        ckpt.save(1)
+    assert os.listdir(victim) == []
+    fresh, _ = _tiered(tmp_path / "fresh")
+    fresh.save(1)
+    fresh.wait()
+    assert os.stat(fresh.local.directory).st_mode & 0o777 == 0o700  # this user's alone
+    fresh.close()
+
+
 @pytest.mark.parametrize("why", ["other host", "resume=never", "launch without a tier"])
 def test_a_stale_tier_is_cleared_and_not_read(tmp_path, monkeypatch, caplog, why):
     first, v = _tiered(tmp_path)
