@@ -149,6 +149,7 @@ class Controller:
         self._eval_fn: Any = None
         self._position_reported = False  # the data position's size, logged at the first save
         self._bad_reported: tuple[int, int] | None = None  # (first, count) of non-finite steps warned of
+        self._copying: dict[int, float] = {}  # with a local tier: saves whose copy auto waits for (write s)
 
     # --- the actions -------------------------------------------------------------------
 
@@ -279,10 +280,18 @@ class Controller:
         )
 
     def log_completed_saves(self) -> None:
+        """The saves and copies completed since the last call: to TensorBoard, the progress
+        bar and ``save_every_seconds=auto``'s measurements. With a local tier, a save that is
+        copied to ``checkpoint.dir`` costs the loop until its copy is recorded: auto counts
+        the slowdown of the calls during the copy too, and starts no save before it is done."""
         tr = self.tr
+        local = tr.checkpointer.local
         for info in tr.checkpointer.drain_completed():
             if self.budget is not None:
-                self.budget.save_written(info.step, info.save_seconds)
+                if local is not None and local.copying(info.step):
+                    self._copying[info.step] = info.save_seconds or 0.0
+                else:
+                    self.budget.save_written(info.step, info.save_seconds)
             tr._summaries.scalars(
                 "checkpoint",
                 info.step,
@@ -294,6 +303,11 @@ class Controller:
                 },
             )
             tr._progress.saved(info.step)
+        for step, seconds in local.drain_copied() if local is not None else []:
+            written = self._copying.pop(step, None)
+            if self.budget is not None and written is not None:
+                self.budget.save_written(step, written + seconds)
+            tr._summaries.scalars("checkpoint", step, {"checkpoint/copy_seconds": seconds})
 
     def export_new_best(self, step: int, path: str, metrics: Mapping[str, float]) -> None:
         tr, e = self.tr, self.s.export

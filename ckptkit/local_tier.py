@@ -323,6 +323,7 @@ class LocalTier:
         self._last_persist = time.monotonic()
         self._saves_since_persist = 0
         self.copier = Copier()
+        self._copied: list[tuple[int, float]] = []  # (step, seconds) of the copies since drain_copied()
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -423,9 +424,10 @@ class LocalTier:
                 began = time.time()
                 prefix = copy_checkpoint(info.path, self.persistent, self.fence)
                 record(dataclasses.replace(info, path=prefix, size=metadata.files_size(prefix)))
-                log.info(
-                    "copied checkpoint %s to %s (step %d, %.2fs)", info.path, self.persistent, step, time.time() - began
-                )
+                seconds = time.time() - began
+                log.info("copied checkpoint %s to %s (step %d, %.2fs)", info.path, self.persistent, step, seconds)
+                with self._lock:
+                    self._copied.append((step, seconds))
                 self.unpin(step)
                 self.write_bookkeeping()
             except CkptkitError as exc:  # the fence, or a message of ours
@@ -434,6 +436,17 @@ class LocalTier:
                 report(copy_failure(info.path if info else str(step), self.persistent, exc))
 
         self.copier.submit(copy)
+
+    def copying(self, step: int) -> bool:
+        """Whether the checkpoint of ``step`` is on its way to the persistent tier."""
+        with self._lock:
+            return step in self._pinned
+
+    def drain_copied(self) -> list[tuple[int, float]]:
+        """(step, seconds) of the copies recorded in the persistent tier since the last call."""
+        with self._lock:
+            done, self._copied = self._copied, []
+        return done
 
     def unpin(self, step: int) -> None:
         with self._lock:

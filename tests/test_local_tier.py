@@ -2,11 +2,13 @@
 some copied to checkpoint.dir; which launches may read it; crashes in a copy; a requeue on
 another host."""
 
+import glob
 import json
 import logging
 import os
 import shutil
 import signal
+import time
 
 import pytest
 import tensorflow as tf
@@ -18,6 +20,7 @@ from ckptkit.config import load_config
 from ckptkit.errors import ConfigError
 from ckptkit.local_tier import LocalTier, LocalTierOwnedError, judge
 from ckptkit.resume import restore_newest_readable
+from ckptkit.save_budget import SaveBudget
 
 HOST = local_tier.hostname()
 
@@ -327,6 +330,44 @@ def test_a_launch_without_the_local_tier_says_what_it_leaves_behind(tmp_path, ca
     assert result.resumed_from is None
     assert "saved up to step 20 in its local tier" in caplog.text
     assert f"checkpoint.local_dir={tmp_path / 'local'} to resume from it" in caplog.text
+
+
+def test_auto_counts_a_copy_to_checkpoint_dir_as_part_of_its_save(tmp_path, monkeypatch):
+    """save_every_seconds=auto with a local tier: a save that is copied is written, for auto,
+    until its copy is recorded (the calls during the copy are measured as beside a writer),
+    and the copy's time goes to TensorBoard."""
+    real = local_tier.copy_checkpoint
+    monkeypatch.setattr(local_tier, "copy_checkpoint", lambda *a: (time.sleep(0.4), real(*a))[1])
+    written = []
+    real_written = SaveBudget.save_written
+
+    def save_written(self, step, seconds):
+        written.append((step, seconds))
+        return real_written(self, step, seconds)
+
+    monkeypatch.setattr(SaveBudget, "save_written", save_written)
+    tr = ToyTrainer(
+        make_cfg(
+            tmp_path / "run",
+            **{
+                "trainer.max_steps": 400,
+                "trainer.eval_every_steps": None,
+                "checkpoint.save_every_steps": None,
+                "checkpoint.save_every_seconds": "auto",
+                "checkpoint.local_dir": str(tmp_path / "local"),
+                "checkpoint.persist_every_saves": 1,
+            },
+        )
+    )
+    tr.build()
+    inner = tr._train_fn
+    tr._train_fn = lambda n: (time.sleep(0.02), inner(n))[1]  # about 1.6 s of training
+    tr.fit()
+    copied = [seconds for _, seconds in written if seconds is not None and seconds >= 0.4]
+    assert copied, written  # the first save's copy, measured with the save
+    events = glob.glob(str(tmp_path / "run" / "logs" / "checkpoint" / "events.*"))
+    tags = {v.tag for e in events for ev in tf.compat.v1.train.summary_iterator(e) for v in ev.summary.value}
+    assert "checkpoint/copy_seconds" in tags
 
 
 COMMON = [
