@@ -27,7 +27,6 @@ class DirectoryUpkeep:
     _iterators: list
     _trackables: dict[str, Any]
     latest: Any
-    checkpoints: Any
 
     def _fence(self) -> None: ...
 
@@ -57,11 +56,12 @@ class DirectoryUpkeep:
         return checkpoint_files.remove_leftovers(self.directory, self._fence)
 
     def agree_state_file(self) -> bool:
-        """Make TensorFlow's state file list the recorded checkpoints (the chief, under the
-        run lock, at the start of a launch); see :func:`checkpoint_files.agree_state_file`."""
+        """Make TensorFlow's state file list the checkpoints recorded in ``directory`` (the
+        chief, under the run lock, at the start of a launch; never a local tier's); see
+        :func:`checkpoint_files.agree_state_file`."""
         if self.worker_dir or self._pending is not None:
             return False
-        return checkpoint_files.agree_state_file(self.directory, self.checkpoints, self._fence)
+        return checkpoint_files.agree_state_file(self.directory, self.book.all(), self._fence)
 
     def _failure(self, prefix: str, exc: object) -> str:
         local = self.local is not None and self.local.holds(prefix)
