@@ -264,10 +264,23 @@ class Checkpointer(CheckpointView, DirectoryUpkeep):
         if self.local is not None:
             self.local.copier.stop()
 
-    def finish_local_tier(self) -> None:
-        """A clean finish: every copy recorded, the local tier's checkpoints are removed."""
-        if self.local is not None and self.local.opened:
+    def persist_newest(self) -> None:
+        """Make sure the newest checkpoint is in ``directory``, waiting for its copy: before a
+        stop (a signal) or a clean finish. A launch can resume from a local checkpoint whose
+        copy a crash cut short (a final save, say) and then train nothing."""
+        if self.local is None or not self.local.opened:
+            return
+        self.wait()
+        newest = self.local.book.latest
+        if newest is not None and self.book.get(newest.step) is None and newest.step >= (self.latest or newest).step:
+            self._persist(newest.step)
             self.wait()
+
+    def finish_local_tier(self) -> None:
+        """A clean finish: the newest checkpoint is in ``directory`` and every copy recorded;
+        the local tier's checkpoints are removed."""
+        if self.local is not None and self.local.opened:
+            self.persist_newest()
             self.local.remove_all()
 
     def drain_completed(self) -> list[CheckpointInfo]:

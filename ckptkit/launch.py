@@ -334,6 +334,8 @@ class Launch:
     def _stop(self, stop: Preempted | Interrupted) -> None:
         """Say why the run stops, hand the signal to the handler installed before, raise."""
         tr = self.tr
+        if tr.is_chief and "checkpointer" in vars(tr):
+            tr.checkpointer.persist_newest()  # a requeue elsewhere resumes from the step reached
         log.warning("%s", stop)
         tr.watch.chain()
         if isinstance(stop, Preempted) and stop.signum == signal.SIGINT:

@@ -471,3 +471,46 @@ def test_sigterm_copies_the_signal_save_to_checkpoint_dir_before_exiting(tmp_pat
     assert cli.main(["ls", str(run_dir)]) == 0  # the local tier stays for a relaunch here, and ls says so
     listed = capsys.readouterr().out
     assert f"local tier on this host, {tmp_path / 'a'}" in listed and "a relaunch here resumes" in listed
+
+
+@pytest.mark.slow
+def test_a_final_save_whose_copy_a_crash_cut_short_is_copied_by_the_next_launch(tmp_path):
+    """kill -9 in the copy of the last save (the only copy due): the relaunch on the same node
+    resumes from the local step 20, has nothing to train, and copies step 20 to
+    checkpoint.dir before it removes the tier, so no node ever loses the finished run."""
+    run_dir, local = tmp_path / "run", tmp_path / "a"
+    args = [
+        "trainer.max_steps=20",
+        "trainer.eval_every_steps=null",
+        "checkpoint.save_every_steps=5",
+        f"checkpoint.local_dir={local}",
+        "checkpoint.persist_every_seconds=3600",
+    ]
+    proc = start(run_dir, *args, env=dict(ENV, TOY_KILL_AT_COPY="before:1"))
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert steps_on_disk(run_dir / "checkpoints") == []
+    code, out = run(run_dir, *args)
+    assert code == 0, out[-3000:]
+    assert result_of(out)["resumed_from"] == 20 and "already finished" in out
+    assert steps_on_disk(run_dir / "checkpoints") == [20]
+    tier = local_tier.tier_dir(str(local), str(run_dir / "checkpoints"))
+    assert steps_on_disk(tier) == []
+
+
+@pytest.mark.slow
+def test_a_signal_right_after_a_resume_from_the_local_tier_copies_that_step_first(tmp_path):
+    """Resumed from a local step that checkpoint.dir does not have, the launch is stopped by
+    SIGTERM while it restores, before it trains: it exits 75 with that step in
+    checkpoint.dir, so a requeue on any node resumes from it."""
+    run_dir, node_a = tmp_path / "run", tmp_path / "node-a"
+    _killed_after(run_dir, node_a, 14)
+    assert 14 not in steps_on_disk(run_dir / "checkpoints")
+    proc = start(run_dir, *_tiered_run(node_a), env=dict(ENV, TOY_PAUSE="restore:3"))
+    for line in proc.stdout:
+        if line.startswith("PAUSE restore"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    assert max(steps_on_disk(run_dir / "checkpoints")) == 14
