@@ -349,7 +349,6 @@ class LocalTier:
             self._clear(found, _stale_reason(record, discard))
             found = []
         self.fence()
-        _tf_gfile().makedirs(self.directory)
         self.launch = secrets.token_hex(8)
         launches = ([last] if last and verdict == "mine" else []) + [self.launch]
         mine = {"persistent": _abs(self.persistent), "host": hostname(), "boot": boot_id(), "launches": launches}
@@ -365,11 +364,7 @@ class LocalTier:
 
     def _clear(self, found: list[CheckpointInfo], why: str) -> None:
         """Remove a stale tier's checkpoints and bookkeeping (only names ckptkit writes)."""
-        self.fence()
-        names = storage.listdir(self.directory)
-        for c in found:
-            for f in metadata.checkpoint_files(c.path, names):
-                storage.remove_file(f)
+        self._remove_files(found)
         for p in metadata.leftovers(self.directory):
             storage.remove_tree(p) or storage.remove_file(p)
         for name in (metadata.METADATA_FILE, metadata.STATE_FILE):
@@ -473,16 +468,21 @@ class LocalTier:
         self.write_bookkeeping()
         return into
 
+    def _remove_files(self, checkpoints: list[CheckpointInfo]) -> None:
+        """Delete the files of ``checkpoints`` here (after the fence; the directory listed once)."""
+        self.fence()
+        names = storage.listdir(self.directory)
+        for c in checkpoints:
+            for f in metadata.checkpoint_files(c.path, names):
+                storage.remove_file(f)
+
     def remove_all(self) -> None:
         """After a clean finish with everything persisted: the tier's checkpoints go."""
         found = self.book.all()
         if not found or self._pinned:
             return
-        self.fence()
-        names = storage.listdir(self.directory)
+        self._remove_files(found)
         for c in found:
-            for f in metadata.checkpoint_files(c.path, names):
-                storage.remove_file(f)
             self.book.forget(c.step)
         self.write_bookkeeping()
         log.info(
@@ -494,7 +494,7 @@ class LocalTier:
 
 
 class Copier:
-    """One background thread that runs copy jobs in order; errors go to ``on_error``."""
+    """One background thread that runs copy jobs in order (each job reports its own errors)."""
 
     def __init__(self) -> None:
         self._jobs: list[Callable[[], None]] = []
