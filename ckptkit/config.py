@@ -28,7 +28,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import BooleanNode, DictConfig, EnumNode, FloatNode, IntegerNode, OmegaConf, StringNode, ValueNode
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from ckptkit import gfile
+from ckptkit import gfile, local_tier
 from ckptkit.errors import ConfigError
 from ckptkit.save_budget import AUTO, DEFAULT_MAX_OVERHEAD
 
@@ -427,9 +427,9 @@ def _local_tier(run: RunConfig) -> None:
             "and the others cannot read the chief's node-local ones; leave it null",
         )
     if c.local_max_to_keep is None:
-        c.local_max_to_keep = 2
+        c.local_max_to_keep = local_tier.DEFAULT_MAX_TO_KEEP
     if c.persist_every_seconds is None and c.persist_every_saves is None:
-        c.persist_every_seconds = 300.0
+        c.persist_every_seconds = local_tier.DEFAULT_PERSIST_EVERY_SECONDS
     _positive("checkpoint.local_max_to_keep", c.local_max_to_keep, allow_none=False, integer=True)
     _positive("checkpoint.persist_every_seconds", c.persist_every_seconds, allow_none=True, integer=False)
     _positive("checkpoint.persist_every_saves", c.persist_every_saves, allow_none=True, integer=True)

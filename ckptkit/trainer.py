@@ -29,7 +29,7 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from ckptkit import data as data_lib
-from ckptkit import data_position, distribute
+from ckptkit import data_position, distribute, local_tier
 from ckptkit import export as export_lib
 from ckptkit import loop as loop_lib
 from ckptkit.checkpointer import Checkpointer
@@ -304,7 +304,7 @@ class Trainer:
             worker_dir=None if dist.is_chief else os.path.join(c.dir, f".worker-{dist.task_id}"),
             fence=self._check_locks,
             local_dir=c.local_dir,
-            local_max_to_keep=c.local_max_to_keep or 2,
+            local_max_to_keep=c.local_max_to_keep or local_tier.DEFAULT_MAX_TO_KEEP,
             persist_every_seconds=c.persist_every_seconds,
             persist_every_saves=c.persist_every_saves,
             model=self.model,
